@@ -1,0 +1,572 @@
+//! LoRA-MGPO: AdamW plus a perturbation along the optimizer's own first
+//! moment (SPEC.md). A training step is two calls:
+//!
+//! 1. [`Mgpo::perturb`] before the forward pass: for each group,
+//!    eps = sigma rho k d / (n + eps) with d the momentum m_{t-1} (adapter
+//!    space) or D_i = s_i (m_B A + B m_A) (weight space), n = ||d|| over the
+//!    group and k = min(1 / (g_bar + eps), max_inv_scale) (1 without APN).
+//! 2. [`Mgpo::step`] after the backward pass, with the gradients taken at
+//!    the perturbed point: skip if any is non-finite; otherwise remove the
+//!    perturbation, update g_bar <- beta g_bar + (1 - beta) ||g||, clip, and
+//!    run AdamW.
+//!
+//! Between the two calls the parameters are perturbed; otherwise they are
+//! always clean. Per parameter the optimizer keeps only AdamW's m and v;
+//! everything MGPO adds is a few scalars per group.
+
+use crate::clip::clip_factor;
+use crate::config::{validate_lr, Config, Space, Scope};
+use crate::error::{MgpoError, Result};
+use crate::layout::Layout;
+use crate::lowrank::sum_of_products_sq;
+use crate::ops::{AdamWStep, TensorOps};
+use crate::slots::{GradSlots, Slots};
+
+/// AdamW's moments of one trainable tensor.
+#[derive(Debug, Clone)]
+pub struct Moments<T> {
+    pub m: T,
+    pub v: T,
+}
+
+/// Everything a checkpoint must hold to resume exactly.
+#[derive(Debug, Clone)]
+pub struct State<T> {
+    /// Completed (not skipped) steps: AdamW's t of the last step.
+    pub step: u64,
+    /// Steps skipped for non-finite gradients.
+    pub skipped: u64,
+    /// Per trainable tensor; empty until the first completed step.
+    pub moments: Vec<Moments<T>>,
+    /// Per group; `None` until the group's first completed step.
+    pub g_bar: Vec<Option<f64>>,
+}
+
+/// A set of tensors (adapter space) or adapters (weight space) that share
+/// one perturbation norm and one g_bar.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    /// `global`, or the adapter's (or plain tensor's) name under `per_adapter`.
+    pub name: String,
+    /// Trainable-tensor indices (adapter space) or adapter indices (weight space).
+    pub members: Vec<usize>,
+}
+
+/// What one group did in a step, for logging.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupReport {
+    pub name: String,
+    /// ||d|| at perturb time (0 when not perturbed).
+    pub direction_norm: f64,
+    /// k = min(1 / (g_bar + eps), max_inv_scale), or 1.
+    pub inv_scale: f64,
+    /// ||eps_d||.
+    pub perturbation_norm: f64,
+    /// ||g|| of this step (adapter space: over the group's tensors; weight
+    /// space: of the gradients' weight-space image); NaN when skipped.
+    pub grad_norm: f64,
+    /// g_bar after the step.
+    pub g_bar: Option<f64>,
+}
+
+/// The outcome of [`Mgpo::step`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// Completed steps after this one.
+    pub step: u64,
+    /// True when a non-finite gradient made the step a no-op.
+    pub skipped: bool,
+    /// Steps skipped so far, this one included.
+    pub skipped_total: u64,
+    pub lr: f64,
+    /// Global L2 norm of all raw gradients (NaN when skipped).
+    pub grad_norm: f64,
+    /// The clipping factor applied to the gradients (1 without clipping).
+    pub clip_factor: f64,
+    pub groups: Vec<GroupReport>,
+}
+
+/// A weight-space perturbation in factored form, for an adapter registered
+/// without W0: its layer adds `coef * (m_b (A x) + B (m_a x))` to the base
+/// output, with A and B detached from the graph.
+#[derive(Debug)]
+pub struct WeightPerturbation<'a, T> {
+    pub coef: f64,
+    pub m_b: &'a T,
+    pub m_a: &'a T,
+}
+
+/// The perturbation now applied.
+#[derive(Debug, Clone)]
+struct Applied {
+    /// Per group (adapter space) or per adapter (weight space), 0 when none.
+    coef: Vec<f64>,
+    direction_norm: Vec<f64>,
+    inv_scale: Vec<f64>,
+}
+
+/// The LoRA-MGPO optimizer over a backend `B`.
+pub struct Mgpo<B: TensorOps> {
+    backend: B,
+    config: Config,
+    layout: Layout,
+    groups: Vec<Group>,
+    /// Adapter space: the group of each trainable tensor (`None` in weight space).
+    group_of: Vec<Option<usize>>,
+    state: State<B::Tensor>,
+    /// ||m||^2 of each tensor, left by the last AdamW pass.
+    m_sq: Vec<f64>,
+    applied: Option<Applied>,
+}
+
+impl<B: TensorOps> Mgpo<B> {
+    pub fn new(backend: B, config: Config, layout: Layout) -> Result<Self> {
+        config.validate()?;
+        let groups = make_groups(&config, &layout);
+        let mut group_of = vec![None; layout.tensors.len()];
+        if config.space == Space::Adapter {
+            for (gi, g) in groups.iter().enumerate() {
+                for &t in &g.members {
+                    group_of[t] = Some(gi);
+                }
+            }
+        }
+        let state = State { step: 0, skipped: 0, moments: Vec::new(), g_bar: vec![None; groups.len()] };
+        let m_sq = vec![0.0; layout.tensors.len()];
+        Ok(Mgpo { backend, config, layout, groups, group_of, state, m_sq, applied: None })
+    }
+
+    /// Computes the perturbation from m_{t-1} and g_bar_{t-1} and adds it to
+    /// the parameters (adapter space) or to W0 (weight space). Call before
+    /// the forward pass.
+    pub fn perturb<P, F>(&mut self, params: &mut P, frozen: &mut F) -> Result<()>
+    where
+        P: Slots<B::Tensor> + ?Sized,
+        F: Slots<B::Tensor> + ?Sized,
+    {
+        if self.applied.is_some() {
+            return Err(MgpoError::AlreadyPerturbed);
+        }
+        self.check_params(params, frozen)?;
+        let applied = self.perturbation(params)?;
+        let be = &self.backend;
+        if let Some(moments) = self.has_state().then_some(&self.state.moments) {
+            match self.config.space {
+                Space::Adapter => {
+                    for (t, g) in self.group_of.iter().enumerate() {
+                        let c = g.map_or(0.0, |g| applied.coef[g]);
+                        if c != 0.0 {
+                            be.axpy(params.slot_mut(t), c, &moments[t].m)?;
+                        }
+                    }
+                }
+                Space::Weight => {
+                    for (i, ad) in self.layout.adapters.iter().enumerate() {
+                        if let (Some(w), c) = (ad.w0, applied.coef[i]) {
+                            if c != 0.0 {
+                                let (a, b) = (params.slot(ad.a), params.slot(ad.b));
+                                be.add_low_rank(frozen.slot_mut(w), c, &moments[ad.b].m, a, b, &moments[ad.a].m)?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.applied = Some(applied);
+        Ok(())
+    }
+
+    /// Consumes the gradients taken at the perturbed point: removes the
+    /// perturbation and, unless a gradient is non-finite, updates g_bar and
+    /// runs AdamW. Works without a preceding `perturb` (a clean step).
+    pub fn step<P, F, G>(&mut self, params: &mut P, frozen: &mut F, grads: &G) -> Result<StepReport>
+    where
+        P: Slots<B::Tensor> + ?Sized,
+        F: Slots<B::Tensor> + ?Sized,
+        G: GradSlots<B::Tensor> + ?Sized,
+    {
+        self.check_params(params, frozen)?;
+        let grads = self.check_grads(grads)?;
+        let be = &self.backend;
+
+        let mut sq = Vec::with_capacity(grads.len());
+        let mut finite = true;
+        for g in &grads {
+            let s = be.sum_sq(g)?;
+            finite &= s.is_finite() || be.all_finite(g)?;
+            sq.push(s);
+        }
+        if !finite {
+            self.unperturb(params, frozen)?;
+            self.state.skipped += 1;
+            return Ok(self.report(true, &vec![f64::NAN; self.groups.len()], f64::NAN, 1.0));
+        }
+
+        let fresh = if self.has_state() {
+            None
+        } else {
+            let mut ms = Vec::with_capacity(grads.len());
+            for t in 0..grads.len() {
+                let p = params.slot(t);
+                ms.push(Moments { m: be.zeros_like(p)?, v: be.zeros_like(p)? });
+            }
+            Some(ms)
+        };
+
+        let group_norms = self.group_grad_norms(params, &grads, &sq)?;
+        let total = sq.iter().sum::<f64>().sqrt();
+        let clip = clip_factor(self.config.max_grad_norm, total);
+
+        if self.config.space == Space::Weight {
+            self.remove_weight_perturbation(params, frozen)?;
+        }
+        let applied = self.applied.take();
+        if let Some(ms) = fresh {
+            self.state.moments = ms;
+        }
+        for (gb, &n) in self.state.g_bar.iter_mut().zip(&group_norms) {
+            let b = self.config.beta;
+            *gb = Some(gb.map_or(n, |prev| b * prev + (1.0 - b) * n));
+        }
+
+        let t = self.state.step + 1;
+        let a = self.config.adamw;
+        let mut k = AdamWStep {
+            unperturb: 0.0,
+            decay: 1.0 - a.lr * a.weight_decay,
+            grad_scale: clip,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            step_size: a.lr / (1.0 - a.beta1.powf(t as f64)),
+            bias2_sqrt: (1.0 - a.beta2.powf(t as f64)).sqrt(),
+            eps: a.eps,
+        };
+        for (i, g) in grads.iter().enumerate() {
+            k.unperturb = match (&applied, self.group_of[i]) {
+                (Some(ap), Some(gi)) => ap.coef[gi],
+                _ => 0.0,
+            };
+            let Moments { m, v } = &mut self.state.moments[i];
+            self.m_sq[i] = self.backend.adamw(params.slot_mut(i), g, m, v, &k)?;
+        }
+        self.state.step = t;
+        self.applied = applied;
+        let report = self.report(false, &group_norms, total, clip);
+        self.applied = None;
+        Ok(report)
+    }
+
+    /// Removes the perturbation, if any, without a step (to evaluate, or to
+    /// abandon a step whose backward pass failed).
+    pub fn unperturb<P, F>(&mut self, params: &mut P, frozen: &mut F) -> Result<()>
+    where
+        P: Slots<B::Tensor> + ?Sized,
+        F: Slots<B::Tensor> + ?Sized,
+    {
+        self.check_params(params, frozen)?;
+        match self.config.space {
+            Space::Weight => self.remove_weight_perturbation(params, frozen)?,
+            Space::Adapter => {
+                if let Some(ap) = &self.applied {
+                    for (t, g) in self.group_of.iter().enumerate() {
+                        let c = g.map_or(0.0, |g| ap.coef[g]);
+                        if c != 0.0 {
+                            self.backend.axpy(params.slot_mut(t), -c, &self.state.moments[t].m)?;
+                        }
+                    }
+                }
+            }
+        }
+        self.applied = None;
+        Ok(())
+    }
+
+    /// The factored weight-space perturbation of adapter `i` now applied,
+    /// for adapters registered without W0 (see [`WeightPerturbation`]).
+    pub fn weight_perturbation(&self, adapter: usize) -> Option<WeightPerturbation<'_, B::Tensor>> {
+        let ap = self.applied.as_ref()?;
+        let ad = self.layout.adapters.get(adapter)?;
+        let coef = *ap.coef.get(adapter)?;
+        (self.config.space == Space::Weight && coef != 0.0).then(|| WeightPerturbation {
+            coef,
+            m_b: &self.state.moments[ad.b].m,
+            m_a: &self.state.moments[ad.a].m,
+        })
+    }
+
+    /// Sets the learning rate of the following steps (a schedule).
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        validate_lr(lr)?;
+        self.config.adamw.lr = lr;
+        Ok(())
+    }
+
+    pub fn lr(&self) -> f64 {
+        self.config.adamw.lr
+    }
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    pub fn groups(&self) -> &[Group] {
+        &self.groups
+    }
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+    pub fn state(&self) -> &State<B::Tensor> {
+        &self.state
+    }
+    pub fn is_perturbed(&self) -> bool {
+        self.applied.is_some()
+    }
+
+    /// Replaces the optimizer state (a checkpoint being loaded). Refused,
+    /// with the state left as it was, while perturbed or when the shapes or
+    /// group count do not match.
+    pub fn set_state(&mut self, state: State<B::Tensor>) -> Result<()> {
+        if self.applied.is_some() {
+            return Err(MgpoError::AlreadyPerturbed);
+        }
+        if state.g_bar.len() != self.groups.len() {
+            return Err(MgpoError::WrongCount { what: "groups", expected: self.groups.len(), got: state.g_bar.len() });
+        }
+        if !state.moments.is_empty() {
+            let n = self.layout.tensors.len();
+            if state.moments.len() != n {
+                return Err(MgpoError::WrongCount { what: "moment pairs", expected: n, got: state.moments.len() });
+            }
+            for (info, mv) in self.layout.tensors.iter().zip(&state.moments) {
+                for t in [&mv.m, &mv.v] {
+                    let got = self.backend.shape(t);
+                    if got != info.shape {
+                        return Err(MgpoError::ShapeMismatch { name: info.name.clone(), expected: info.shape.clone(), got });
+                    }
+                }
+            }
+        }
+        let mut m_sq = vec![0.0; self.layout.tensors.len()];
+        for (s, mv) in m_sq.iter_mut().zip(&state.moments) {
+            *s = self.backend.sum_sq(&mv.m)?;
+        }
+        self.m_sq = m_sq;
+        self.state = state;
+        Ok(())
+    }
+
+    fn has_state(&self) -> bool {
+        !self.state.moments.is_empty()
+    }
+
+    /// The coefficients of the perturbation of this step (SPEC step 1).
+    fn perturbation<P: Slots<B::Tensor> + ?Sized>(&self, params: &P) -> Result<Applied> {
+        let cfg = &self.config;
+        let n_groups = self.groups.len();
+        let mut ap = Applied {
+            coef: vec![0.0; if cfg.space == Space::Weight { self.layout.adapters.len() } else { n_groups }],
+            direction_norm: vec![0.0; n_groups],
+            inv_scale: vec![1.0; n_groups],
+        };
+        if !self.has_state() || cfg.rho == 0.0 {
+            return Ok(ap);
+        }
+        let ms = &self.state.moments;
+        for (gi, g) in self.groups.iter().enumerate() {
+            let n = match cfg.space {
+                Space::Adapter => g.members.iter().map(|&t| self.m_sq[t]).sum::<f64>().sqrt(),
+                Space::Weight => {
+                    let mut s = 0.0;
+                    for &i in &g.members {
+                        let ad = &self.layout.adapters[i];
+                        let (a, b) = (params.slot(ad.a), params.slot(ad.b));
+                        let f = sum_of_products_sq(&self.backend, &ms[ad.b].m, a, b, &ms[ad.a].m)?;
+                        s += ad.scale * ad.scale * f;
+                    }
+                    s.sqrt()
+                }
+            };
+            let mut k = match (cfg.adaptive_norm, self.state.g_bar[gi]) {
+                (true, Some(gb)) => 1.0 / (gb + cfg.eps),
+                _ => 1.0,
+            };
+            if let Some(c) = cfg.max_inv_scale {
+                k = k.min(c);
+            }
+            ap.direction_norm[gi] = n;
+            ap.inv_scale[gi] = k;
+            if n <= cfg.eps {
+                continue;
+            }
+            let c = cfg.direction.sign() * cfg.rho * k / (n + cfg.eps);
+            match cfg.space {
+                Space::Adapter => ap.coef[gi] = c,
+                Space::Weight => {
+                    for &i in &g.members {
+                        ap.coef[i] = c * self.layout.adapters[i].scale;
+                    }
+                }
+            }
+        }
+        Ok(ap)
+    }
+
+    /// ||g|| per group (SPEC step 3.3), from the raw gradients.
+    fn group_grad_norms<P: Slots<B::Tensor> + ?Sized>(&self, params: &P, grads: &[&B::Tensor], sq: &[f64]) -> Result<Vec<f64>> {
+        let mut out = Vec::with_capacity(self.groups.len());
+        for g in &self.groups {
+            let s = match self.config.space {
+                Space::Adapter => g.members.iter().map(|&t| sq[t]).sum::<f64>(),
+                Space::Weight => {
+                    let mut s = 0.0;
+                    for &i in &g.members {
+                        let ad = &self.layout.adapters[i];
+                        let (a, b) = (params.slot(ad.a), params.slot(ad.b));
+                        s += ad.scale * ad.scale * sum_of_products_sq(&self.backend, grads[ad.b], a, b, grads[ad.a])?;
+                    }
+                    s
+                }
+            };
+            out.push(s.sqrt());
+        }
+        Ok(out)
+    }
+
+    fn remove_weight_perturbation<P, F>(&mut self, params: &P, frozen: &mut F) -> Result<()>
+    where
+        P: Slots<B::Tensor> + ?Sized,
+        F: Slots<B::Tensor> + ?Sized,
+    {
+        if let Some(ap) = &self.applied {
+            let ms = &self.state.moments;
+            for (i, ad) in self.layout.adapters.iter().enumerate() {
+                if let (Some(w), c) = (ad.w0, ap.coef[i]) {
+                    if c != 0.0 {
+                        let (a, b) = (params.slot(ad.a), params.slot(ad.b));
+                        self.backend.add_low_rank(frozen.slot_mut(w), -c, &ms[ad.b].m, a, b, &ms[ad.a].m)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn report(&self, skipped: bool, grad_norms: &[f64], total: f64, clip: f64) -> StepReport {
+        let groups = self
+            .groups
+            .iter()
+            .enumerate()
+            .map(|(gi, g)| {
+                let (n, k, pn) = match &self.applied {
+                    Some(ap) => {
+                        let c = match self.config.space {
+                            Space::Adapter => ap.coef[gi].abs(),
+                            Space::Weight => g.members.first().map_or(0.0, |&i| {
+                                ap.coef[i].abs() / self.layout.adapters[i].scale.abs().max(f64::MIN_POSITIVE)
+                            }),
+                        };
+                        (ap.direction_norm[gi], ap.inv_scale[gi], c * ap.direction_norm[gi])
+                    }
+                    None => (0.0, 1.0, 0.0),
+                };
+                GroupReport {
+                    name: g.name.clone(),
+                    direction_norm: n,
+                    inv_scale: k,
+                    perturbation_norm: pn,
+                    grad_norm: grad_norms[gi],
+                    g_bar: self.state.g_bar[gi],
+                }
+            })
+            .collect();
+        StepReport {
+            step: self.state.step,
+            skipped,
+            skipped_total: self.state.skipped,
+            lr: self.config.adamw.lr,
+            grad_norm: total,
+            clip_factor: clip,
+            groups,
+        }
+    }
+
+    fn check_params<P, F>(&self, params: &P, frozen: &F) -> Result<()>
+    where
+        P: Slots<B::Tensor> + ?Sized,
+        F: Slots<B::Tensor> + ?Sized,
+    {
+        let (lt, lf) = (&self.layout.tensors, &self.layout.frozen);
+        if params.count() != lt.len() {
+            return Err(MgpoError::WrongCount { what: "trainable tensors", expected: lt.len(), got: params.count() });
+        }
+        let need_frozen = if self.config.space == Space::Weight { lf.len() } else { 0 };
+        if frozen.count() < need_frozen {
+            return Err(MgpoError::WrongCount { what: "frozen base weights", expected: need_frozen, got: frozen.count() });
+        }
+        for (i, info) in lt.iter().enumerate() {
+            self.check_shape(&info.name, &info.shape, params.slot(i))?;
+        }
+        for (i, info) in lf.iter().enumerate().take(need_frozen) {
+            self.check_shape(&info.name, &info.shape, frozen.slot(i))?;
+        }
+        Ok(())
+    }
+
+    fn check_grads<'g, G: GradSlots<B::Tensor> + ?Sized>(&self, grads: &'g G) -> Result<Vec<&'g B::Tensor>> {
+        let lt = &self.layout.tensors;
+        if grads.count() != lt.len() {
+            return Err(MgpoError::WrongCount { what: "gradients", expected: lt.len(), got: grads.count() });
+        }
+        lt.iter()
+            .enumerate()
+            .map(|(i, info)| {
+                let g = grads.grad(i).ok_or_else(|| MgpoError::MissingGradient(info.name.clone()))?;
+                self.check_shape(&format!("grad of {}", info.name), &info.shape, g)?;
+                Ok(g)
+            })
+            .collect()
+    }
+
+    fn check_shape(&self, name: &str, expected: &[usize], t: &B::Tensor) -> Result<()> {
+        let got = self.backend.shape(t);
+        if got == expected {
+            Ok(())
+        } else {
+            Err(MgpoError::ShapeMismatch { name: name.to_string(), expected: expected.to_vec(), got })
+        }
+    }
+}
+
+/// SPEC's groups: `global` is one group; `per_adapter` is one per adapter
+/// and, in adapter space, one per plain tensor. In weight space plain
+/// tensors belong to no group.
+fn make_groups(config: &Config, layout: &Layout) -> Vec<Group> {
+    let adapter_members = |i: usize| match config.space {
+        Space::Adapter => vec![layout.adapters[i].a, layout.adapters[i].b],
+        Space::Weight => vec![i],
+    };
+    let with_plain = config.space == Space::Adapter;
+    match config.scope {
+        Scope::Global => {
+            let mut members: Vec<usize> = (0..layout.adapters.len()).flat_map(adapter_members).collect();
+            if with_plain {
+                members.extend(&layout.plain);
+                members.sort_unstable();
+            }
+            vec![Group { name: "global".into(), members }]
+        }
+        Scope::PerAdapter => {
+            let mut groups: Vec<Group> = layout
+                .adapters
+                .iter()
+                .enumerate()
+                .map(|(i, a)| Group { name: a.name.clone(), members: adapter_members(i) })
+                .collect();
+            if with_plain {
+                groups.extend(layout.plain.iter().map(|&t| Group { name: layout.tensors[t].name.clone(), members: vec![t] }));
+            }
+            groups
+        }
+    }
+}

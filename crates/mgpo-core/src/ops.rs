@@ -1,0 +1,156 @@
+//! What the algorithm needs from a tensor library, one small trait per
+//! capability (after argmin-math). A backend implements these for its own
+//! tensor type; the algorithm in [`crate::Mgpo`] never sees the backend.
+//!
+//! Mutated tensors are passed as `&mut`: backends whose tensors are shared
+//! handles (candle `Var`, `tch::Tensor`) update their storage in place.
+
+use num_traits::Float;
+
+use crate::error::Result;
+
+/// The backend's tensor type, its shape and fresh zero tensors.
+pub trait Tensors {
+    type Tensor;
+
+    fn shape(&self, t: &Self::Tensor) -> Vec<usize>;
+
+    /// A zero tensor of `t`'s shape, dtype and device (for AdamW's m and v).
+    fn zeros_like(&self, t: &Self::Tensor) -> Result<Self::Tensor>;
+}
+
+/// Reductions, accumulated in f64 whatever the element type.
+pub trait Reduce: Tensors {
+    /// sum_i t_i^2. Non-finite when `t` holds a NaN or an infinity.
+    fn sum_sq(&self, t: &Self::Tensor) -> Result<f64>;
+
+    /// Whether every entry is finite. Only asked when [`Reduce::sum_sq`]
+    /// came out non-finite, which can also be an overflow of finite values.
+    fn all_finite(&self, t: &Self::Tensor) -> Result<bool>;
+}
+
+/// The element-wise updates of a step, each one fused pass over memory.
+pub trait FusedUpdate: Tensors {
+    /// y <- y + alpha x.
+    fn axpy(&self, y: &mut Self::Tensor, alpha: f64, x: &Self::Tensor) -> Result<()>;
+
+    /// One AdamW step of one tensor with the perturbation removal and the
+    /// clipping factor folded in, element by element as [`adamw_element`].
+    /// Returns sum_i m_i^2 of the new first moment, which is the next
+    /// step's adapter-space perturbation norm.
+    fn adamw(
+        &self,
+        p: &mut Self::Tensor,
+        g: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        k: &AdamWStep,
+    ) -> Result<f64>;
+}
+
+/// The small matrix products of a rank-decomposed adapter (A is r x in,
+/// B and the momenta of B are out x r). No out x in matrix is ever built to
+/// take a norm.
+pub trait LowRank: Tensors {
+    /// X^T Y for X, Y of shape n x r: an r x r matrix, row-major, in f64.
+    fn gram_cols(&self, x: &Self::Tensor, y: &Self::Tensor) -> Result<Vec<f64>>;
+
+    /// X Y^T for X, Y of shape r x n: an r x r matrix, row-major, in f64.
+    fn gram_rows(&self, x: &Self::Tensor, y: &Self::Tensor) -> Result<Vec<f64>>;
+
+    /// W <- W + c (P Q + R S) with P, R of shape out x r and Q, S of shape
+    /// r x in: two rank-r updates of W, without an out x in temporary.
+    #[allow(clippy::too_many_arguments)]
+    fn add_low_rank(
+        &self,
+        w: &mut Self::Tensor,
+        c: f64,
+        p: &Self::Tensor,
+        q: &Self::Tensor,
+        r: &Self::Tensor,
+        s: &Self::Tensor,
+    ) -> Result<()>;
+}
+
+/// Moving tensors to and from the host as f64, for conformance vectors,
+/// checkpoints and tests. Not used by a training step.
+pub trait HostIo: Tensors {
+    fn from_f64(&self, shape: &[usize], data: &[f64]) -> Result<Self::Tensor>;
+    fn to_f64(&self, t: &Self::Tensor) -> Result<Vec<f64>>;
+}
+
+/// Everything a training step needs.
+pub trait TensorOps: Reduce + FusedUpdate + LowRank {}
+impl<B: Reduce + FusedUpdate + LowRank> TensorOps for B {}
+
+/// The scalars of one AdamW step of one tensor, precomputed once per step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    /// Removed before the update: p <- p - unperturb * m (the adapter-space
+    /// perturbation that `perturb` added; 0 when there is none).
+    pub unperturb: f64,
+    /// 1 - lr * weight_decay.
+    pub decay: f64,
+    /// Multiplies the gradient: the clipping factor min(1, c / (||g|| + 1e-6)).
+    pub grad_scale: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// lr / (1 - beta1^t).
+    pub step_size: f64,
+    /// sqrt(1 - beta2^t).
+    pub bias2_sqrt: f64,
+    pub eps: f64,
+}
+
+/// The per-element update every CPU backend runs, in the element type `F`,
+/// in the order of `torch.optim.AdamW` (single-tensor, non-amsgrad):
+///
+/// ```text
+/// p <- p - unperturb * m          (remove the perturbation, m = m_{t-1})
+/// p <- p * (1 - lr wd)
+/// g <- grad_scale * g
+/// m <- m + (1 - beta1) (g - m)    (torch's lerp_)
+/// v <- beta2 v + (1 - beta2) g^2
+/// p <- p - step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+/// ```
+#[inline(always)]
+pub fn adamw_element<F: Float>(p: &mut F, g: F, m: &mut F, v: &mut F, k: &AdamWConsts<F>) {
+    let g = g * k.grad_scale;
+    let clean = *p - k.unperturb * *m;
+    let mm = *m + k.one_minus_beta1 * (g - *m);
+    let vv = k.beta2 * *v + k.one_minus_beta2 * g * g;
+    *p = clean * k.decay - k.step_size * mm / (vv.sqrt() / k.bias2_sqrt + k.eps);
+    *m = mm;
+    *v = vv;
+}
+
+/// [`AdamWStep`] cast once to the element type.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConsts<F> {
+    pub unperturb: F,
+    pub decay: F,
+    pub grad_scale: F,
+    pub one_minus_beta1: F,
+    pub beta2: F,
+    pub one_minus_beta2: F,
+    pub step_size: F,
+    pub bias2_sqrt: F,
+    pub eps: F,
+}
+
+impl AdamWStep {
+    pub fn consts<F: Float>(&self) -> AdamWConsts<F> {
+        let c = |x: f64| F::from(x).expect("f64 converts to every Float");
+        AdamWConsts {
+            unperturb: c(self.unperturb),
+            decay: c(self.decay),
+            grad_scale: c(self.grad_scale),
+            one_minus_beta1: c(1.0 - self.beta1),
+            beta2: c(self.beta2),
+            one_minus_beta2: c(1.0 - self.beta2),
+            step_size: c(self.step_size),
+            bias2_sqrt: c(self.bias2_sqrt),
+            eps: c(self.eps),
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! How the caller hands tensors to the optimizer: any indexable collection of
+//! tensors (or of `&mut` tensors, when they live inside a model), in the
+//! order of the [`crate::Layout`].
+
+/// Mutable access to the parameters (or the frozen weights) by index.
+pub trait Slots<T> {
+    fn count(&self) -> usize;
+    fn slot(&self, i: usize) -> &T;
+    fn slot_mut(&mut self, i: usize) -> &mut T;
+}
+
+impl<T> Slots<T> for [T] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn slot(&self, i: usize) -> &T {
+        &self[i]
+    }
+    fn slot_mut(&mut self, i: usize) -> &mut T {
+        &mut self[i]
+    }
+}
+
+impl<T> Slots<T> for Vec<T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn slot(&self, i: usize) -> &T {
+        &self[i]
+    }
+    fn slot_mut(&mut self, i: usize) -> &mut T {
+        &mut self[i]
+    }
+}
+
+impl<T> Slots<T> for [&mut T] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn slot(&self, i: usize) -> &T {
+        self[i]
+    }
+    fn slot_mut(&mut self, i: usize) -> &mut T {
+        self[i]
+    }
+}
+
+impl<T> Slots<T> for Vec<&mut T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn slot(&self, i: usize) -> &T {
+        self[i]
+    }
+    fn slot_mut(&mut self, i: usize) -> &mut T {
+        self[i]
+    }
+}
+
+/// Read access to the gradients by index; `None` where a tensor got none.
+pub trait GradSlots<T> {
+    fn count(&self) -> usize;
+    fn grad(&self, i: usize) -> Option<&T>;
+}
+
+impl<T> GradSlots<T> for [T] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn grad(&self, i: usize) -> Option<&T> {
+        self.get(i)
+    }
+}
+
+impl<T> GradSlots<T> for Vec<T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn grad(&self, i: usize) -> Option<&T> {
+        self.get(i)
+    }
+}
+
+impl<T> GradSlots<T> for [Option<T>] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn grad(&self, i: usize) -> Option<&T> {
+        self.get(i).and_then(Option::as_ref)
+    }
+}
+
+impl<T> GradSlots<T> for Vec<Option<T>> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn grad(&self, i: usize) -> Option<&T> {
+        self.get(i).and_then(Option::as_ref)
+    }
+}
+
+impl<T> GradSlots<T> for [&T] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn grad(&self, i: usize) -> Option<&T> {
+        self.get(i).copied()
+    }
+}
+
+impl<T> GradSlots<T> for Vec<&T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn grad(&self, i: usize) -> Option<&T> {
+        self.get(i).copied()
+    }
+}
