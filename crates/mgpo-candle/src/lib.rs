@@ -1,0 +1,1 @@
+//! mgpo-candle: work in progress (see its issue).

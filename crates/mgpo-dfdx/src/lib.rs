@@ -1,0 +1,1 @@
+//! mgpo-dfdx: work in progress (see its issue).

@@ -1,0 +1,1 @@
+//! mgpo-tch: work in progress (see its issue).
