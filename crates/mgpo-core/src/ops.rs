@@ -109,7 +109,7 @@ pub struct AdamWStep {
 /// p <- p - unperturb * m          (remove the perturbation, m = m_{t-1})
 /// p <- p * (1 - lr wd)
 /// g <- grad_scale * g
-/// m <- m + (1 - beta1) (g - m)    (torch's lerp_)
+/// m <- beta1 m + (1 - beta1) g     (exact for beta1 = 0, unlike m + (1 - beta1)(g - m))
 /// v <- beta2 v + (1 - beta2) g^2
 /// p <- p - step_size * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 /// ```
@@ -117,7 +117,7 @@ pub struct AdamWStep {
 pub fn adamw_element<F: Float>(p: &mut F, g: F, m: &mut F, v: &mut F, k: &AdamWConsts<F>) {
     let g = g * k.grad_scale;
     let clean = *p - k.unperturb * *m;
-    let mm = *m + k.one_minus_beta1 * (g - *m);
+    let mm = k.beta1 * *m + k.one_minus_beta1 * g;
     let vv = k.beta2 * *v + k.one_minus_beta2 * g * g;
     *p = clean * k.decay - k.step_size * mm / (vv.sqrt() / k.bias2_sqrt + k.eps);
     *m = mm;
@@ -130,6 +130,7 @@ pub struct AdamWConsts<F> {
     pub unperturb: F,
     pub decay: F,
     pub grad_scale: F,
+    pub beta1: F,
     pub one_minus_beta1: F,
     pub beta2: F,
     pub one_minus_beta2: F,
@@ -145,6 +146,7 @@ impl AdamWStep {
             unperturb: c(self.unperturb),
             decay: c(self.decay),
             grad_scale: c(self.grad_scale),
+            beta1: c(self.beta1),
             one_minus_beta1: c(1.0 - self.beta1),
             beta2: c(self.beta2),
             one_minus_beta2: c(1.0 - self.beta2),

@@ -34,6 +34,11 @@ impl<F> NdBackend<F> {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// The backend with tensors of `threshold` elements or more updated in parallel.
+    pub fn with_par_threshold(threshold: usize) -> Self {
+        NdBackend { par_threshold: threshold, _f: PhantomData }
+    }
 }
 
 /// The optimizer on ndarray tensors of type `F`.
