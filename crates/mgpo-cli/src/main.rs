@@ -1,1 +1,54 @@
-fn main() {}
+//! `mgpo`: conformance of the backends against the float64 vectors (and,
+//! as they land, experiments and benchmarks).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod conformance;
+
+#[derive(Parser)]
+#[command(name = "mgpo", version, about = "LoRA-MGPO: conformance, experiments, benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Dtype {
+    F32,
+    F64,
+    All,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run conformance vectors on one or all compiled backends and print
+    /// the largest errors; exits non-zero on any failure or unreadable vector.
+    Conformance {
+        /// A directory of vector files (*.json); may be repeated.
+        #[arg(long = "vectors", required = true)]
+        vectors: Vec<PathBuf>,
+        /// A compiled backend, or `all`.
+        #[arg(long, default_value = "ndarray")]
+        backend: String,
+        #[arg(long, value_enum, default_value = "all")]
+        dtype: Dtype,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Conformance { vectors, backend, dtype } => conformance::run(&vectors, &backend, dtype),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("mgpo: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

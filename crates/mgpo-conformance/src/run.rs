@@ -201,11 +201,12 @@ pub fn run_dir<B: TensorOps + HostIo + Clone>(backend: &B, dir: &Path) -> Result
         .collect())
 }
 
-/// A plain-text table of rows, with the failures of each failed row below it.
-pub fn table(label: &str, rows: &[Row]) -> String {
+/// A plain-text table of (backend label, row) pairs, with the failures of
+/// each failed row below it.
+pub fn table(rows: &[(&str, &Row)]) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "{:<44} {:<14} {:>10} {:>10}  result", "vector", "backend", "max abs", "max rel");
-    for r in rows {
+    for (label, r) in rows {
         match &r.outcome {
             Ok(o) => {
                 let verdict = if o.passed() { "pass" } else { "FAIL" };
@@ -227,5 +228,5 @@ pub fn table(label: &str, rows: &[Row]) -> String {
 pub fn assert_dir_passes<B: TensorOps + HostIo + Clone>(backend: &B, dir: impl AsRef<Path>) {
     let dir = dir.as_ref();
     let rows = run_dir(backend, dir).unwrap_or_else(|e| panic!("{e}"));
-    assert!(rows.iter().all(Row::passed), "conformance failures in {}:\n{}", dir.display(), table("backend", &rows));
+    assert!(rows.iter().all(Row::passed), "conformance failures in {}:\n{}", dir.display(), table(&rows.iter().map(|r| ("backend", r)).collect::<Vec<_>>()));
 }

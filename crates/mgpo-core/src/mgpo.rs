@@ -179,6 +179,9 @@ impl<B: TensorOps> Mgpo<B> {
     /// Consumes the gradients taken at the perturbed point: removes the
     /// perturbation and, unless a gradient is non-finite, updates g_bar and
     /// runs AdamW. Works without a preceding `perturb` (a clean step).
+    ///
+    /// Gradients that are missing, miscounted or misshapen are an error
+    /// after which the parameters are clean and the state is as before.
     pub fn step<P, F, G>(&mut self, params: &mut P, frozen: &mut F, grads: &G) -> Result<StepReport>
     where
         P: Slots<B::Tensor> + ?Sized,
@@ -186,7 +189,13 @@ impl<B: TensorOps> Mgpo<B> {
         G: GradSlots<B::Tensor> + ?Sized,
     {
         self.check_params(params, frozen)?;
-        let grads = self.check_grads(grads)?;
+        let grads = match self.check_grads(grads) {
+            Ok(g) => g,
+            Err(e) => {
+                self.unperturb(params, frozen)?;
+                return Err(e);
+            }
+        };
         let be = &self.backend;
 
         let mut sq = Vec::with_capacity(grads.len());
