@@ -27,4 +27,4 @@ pub use layout::{AdapterInfo, Layout, LayoutBuilder, TensorInfo};
 pub use mgpo::{Group, GroupReport, Mgpo, Moments, State, StepReport, WeightPerturbation};
 pub use ops::{adamw_element, AdamWConsts, AdamWStep, FusedUpdate, HostIo, LowRank, Reduce, TensorOps, Tensors};
 pub use schedule::WarmupCosine;
-pub use slots::{GradSlots, Slots};
+pub use slots::{GradSlots, NoFrozen, Slots};

@@ -116,3 +116,20 @@ impl<T> GradSlots<T> for Vec<&T> {
         self.get(i).copied()
     }
 }
+
+/// No tensors: the `frozen` argument when no adapter has a W0 in place
+/// (adapter space, or weight space in factored form).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFrozen;
+
+impl<T> Slots<T> for NoFrozen {
+    fn count(&self) -> usize {
+        0
+    }
+    fn slot(&self, i: usize) -> &T {
+        unreachable!("NoFrozen has no slot {i}: the optimizer checks counts first")
+    }
+    fn slot_mut(&mut self, i: usize) -> &mut T {
+        unreachable!("NoFrozen has no slot {i}: the optimizer checks counts first")
+    }
+}
