@@ -2,13 +2,16 @@
 //!
 //! The embedded default backend: [`NdBackend<F>`] runs LoRA-MGPO on
 //! `ndarray::ArrayD<F>` for `F` = f32 or f64. Every element-wise update is
-//! one fused `Zip` pass, split across rayon's threads above
-//! [`NdBackend::par_threshold`] elements; reductions accumulate in f64.
+//! one fused pass, split into fixed blocks that rayon runs in parallel above
+//! [`NdBackend::par_threshold`] elements; reductions accumulate in f64 in an
+//! order that does not depend on the thread count, so runs are
+//! bit-reproducible.
 
 use std::marker::PhantomData;
 
-use mgpo_core::{adamw_element, AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
-use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, ArrayViewD, Ix2, IxDyn, Zip};
+use mgpo_core::{adamw_element, AdamWConsts, AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
+use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, Ix2, IxDyn, Zip};
+use rayon::prelude::*;
 use num_traits::Float;
 
 /// Element types the backend runs on.
@@ -62,17 +65,58 @@ fn f64_of<F: Element>(x: F) -> f64 {
     x.to_f64().unwrap_or(f64::NAN)
 }
 
+/// Reductions and fused updates work on fixed blocks of this many elements:
+/// blocks run in parallel, but each block's sum is taken in the same order
+/// and block sums are added in index order, so results are bit-identical
+/// whatever the thread count or the parallel threshold.
+const BLOCK: usize = 1 << 13;
+
+/// Lanes of independent partial sums inside a block (lets the compiler
+/// vectorise; combined in a fixed order).
+const LANES: usize = 8;
+
+fn sq<F: Element>(x: F) -> f64 {
+    let x = f64_of(x);
+    x * x
+}
+
+/// sum x^2 over one block, in a fixed order.
+fn block_sum_sq<F: Element>(x: &[F]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut it = x.chunks_exact(LANES);
+    for c in &mut it {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += sq(v);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(it.remainder()) {
+        *a += sq(v);
+    }
+    acc.iter().sum()
+}
+
+/// The fused AdamW pass over one block; returns sum m^2 of the block.
+fn block_adamw<F: Element>(p: &mut [F], g: &[F], m: &mut [F], v: &mut [F], c: &AdamWConsts<F>) -> f64 {
+    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        adamw_element(p, g, m, v, c);
+    }
+    block_sum_sq(m)
+}
+
 impl<F: Element> NdBackend<F> {
     fn parallel(&self, len: usize) -> bool {
         len >= self.par_threshold
     }
 
-    fn sum_map(&self, t: &ArrayViewD<'_, F>, f: impl Fn(F) -> f64 + Sync + Send) -> f64 {
-        let z = Zip::from(t);
-        if self.parallel(t.len()) {
-            z.par_fold(|| 0.0, |acc, &x| acc + f(x), |a, b| a + b)
+    /// sum over blocks of `f(block index range)`, in block order.
+    fn sum_blocks(&self, len: usize, f: impl Fn(std::ops::Range<usize>) -> f64 + Sync + Send) -> f64 {
+        let n = len.div_ceil(BLOCK);
+        let range = |b: usize| b * BLOCK..((b + 1) * BLOCK).min(len);
+        if self.parallel(len) {
+            let parts: Vec<f64> = (0..n).into_par_iter().map(|b| f(range(b))).collect();
+            parts.iter().sum()
         } else {
-            z.fold(0.0, |acc, &x| acc + f(x))
+            (0..n).map(|b| f(range(b))).sum()
         }
     }
 }
@@ -91,10 +135,10 @@ impl<F: Element> Tensors for NdBackend<F> {
 
 impl<F: Element> Reduce for NdBackend<F> {
     fn sum_sq(&self, t: &ArrayD<F>) -> Result<f64> {
-        Ok(self.sum_map(&t.view(), |x| {
-            let x = f64_of(x);
-            x * x
-        }))
+        Ok(match t.as_slice_memory_order() {
+            Some(x) => self.sum_blocks(x.len(), |r| block_sum_sq(&x[r])),
+            None => t.iter().map(|&x| sq(x)).sum(),
+        })
     }
 
     fn all_finite(&self, t: &ArrayD<F>) -> Result<bool> {
@@ -120,18 +164,34 @@ impl<F: Element> FusedUpdate for NdBackend<F> {
             same_shape(p, t)?;
         }
         let c = k.consts::<F>();
-        let len = p.len();
-        let z = Zip::from(p).and(g).and(m).and(v);
-        let step = |acc: f64, p: &mut F, &g: &F, m: &mut F, v: &mut F| {
-            adamw_element(p, g, m, v, &c);
-            let mm = f64_of(*m);
-            acc + mm * mm
-        };
-        Ok(if self.parallel(len) {
-            z.par_fold(|| 0.0, step, |a, b| a + b)
+        let standard = [p.is_standard_layout(), g.is_standard_layout(), m.is_standard_layout(), v.is_standard_layout()];
+        if standard.contains(&false) {
+            Zip::from(&mut *p).and(g).and(&mut *m).and(&mut *v).for_each(|p, &g, m, v| adamw_element(p, g, m, v, &c));
+            return self.sum_sq(m);
+        }
+        let ps = p.as_slice_mut().expect("standard layout");
+        let gs = g.as_slice().expect("standard layout");
+        let ms = m.as_slice_mut().expect("standard layout");
+        let vs = v.as_slice_mut().expect("standard layout");
+        let len = ps.len();
+        if self.parallel(len) {
+            let parts: Vec<f64> = ps
+                .par_chunks_mut(BLOCK)
+                .zip(gs.par_chunks(BLOCK))
+                .zip(ms.par_chunks_mut(BLOCK))
+                .zip(vs.par_chunks_mut(BLOCK))
+                .map(|(((p, g), m), v)| block_adamw(p, g, m, v, &c))
+                .collect();
+            Ok(parts.iter().sum())
         } else {
-            z.fold(0.0, step)
-        })
+            Ok(ps
+                .chunks_mut(BLOCK)
+                .zip(gs.chunks(BLOCK))
+                .zip(ms.chunks_mut(BLOCK))
+                .zip(vs.chunks_mut(BLOCK))
+                .map(|(((p, g), m), v)| block_adamw(p, g, m, v, &c))
+                .sum())
+        }
     }
 }
 
@@ -201,5 +261,49 @@ impl<F: Element> HostIo for NdBackend<F> {
 
     fn to_f64(&self, t: &ArrayD<F>) -> Result<Vec<f64>> {
         Ok(t.iter().map(|&x| f64_of(x)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(n: usize, seed: u32) -> ArrayD<f32> {
+        let mut x = seed;
+        ArrayD::from_shape_fn(IxDyn(&[n]), |_| {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+    }
+
+    /// Parallel and serial passes give the same bits, several blocks deep.
+    #[test]
+    fn parallel_is_bit_identical_to_serial() {
+        let n = 5 * BLOCK + 123;
+        let k = AdamWStep { unperturb: 0.01, decay: 0.999, grad_scale: 0.7, beta1: 0.9, beta2: 0.999, step_size: 1e-3, bias2_sqrt: 0.05, eps: 1e-8 };
+        let mut out = Vec::new();
+        for be in [NdBackend::<f32>::with_par_threshold(1), NdBackend::with_par_threshold(usize::MAX)] {
+            let (mut p, g, mut m, mut v) = (filled(n, 1), filled(n, 2), filled(n, 3), filled(n, 4).mapv(f32::abs));
+            let msq = be.adamw(&mut p, &g, &mut m, &mut v, &k).unwrap();
+            out.push((p, m, v, msq.to_bits(), be.sum_sq(&g).unwrap().to_bits()));
+        }
+        assert!(out[0] == out[1]);
+    }
+
+    #[test]
+    fn non_standard_layout_is_updated_correctly() {
+        let be = NdBackend::<f64>::new();
+        let k = AdamWStep { unperturb: 0.0, decay: 1.0, grad_scale: 1.0, beta1: 0.9, beta2: 0.999, step_size: 0.1, bias2_sqrt: (0.001f64).sqrt(), eps: 0.0 };
+        let mk = || ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).unwrap();
+        let (mut p, mut m, mut v) = (mk(), mk().mapv(|_| 0.0), mk().mapv(|_| 0.0));
+        let g = mk().reversed_axes().as_standard_layout().into_owned().into_shape_with_order(IxDyn(&[2, 3])).unwrap();
+        let mut pt = mk().reversed_axes();
+        let (mut mt, mut vt) = (pt.mapv(|_| 0.0), pt.mapv(|_| 0.0));
+        let gt = g.clone().reversed_axes();
+        be.adamw(&mut p, &g, &mut m, &mut v, &k).unwrap();
+        be.adamw(&mut pt, &gt, &mut mt, &mut vt, &k).unwrap();
+        // first step, eps = 0: m / (sqrt(v) / sqrt(1 - beta2)) = (1 - beta1) sign(g), so p moves by -0.1 * 0.1
+        assert!(p.iter().zip(mk().iter()).all(|(a, b)| (a - (b - 0.01)).abs() < 1e-12));
+        assert!(pt.iter().zip(mk().reversed_axes().iter()).all(|(a, b)| (a - (b - 0.01)).abs() < 1e-12));
     }
 }
