@@ -1,0 +1,247 @@
+//! The dfdx optimizer on a real dfdx model: the same numbers as mgpo-core on
+//! ndarray fed the same gradients, step by step, in both spaces; the frozen
+//! base weight never changes; and its refusals.
+
+use dfdx::nn::modules::{Linear, ReLU};
+use dfdx::nn::{BuildModule, Module, ZeroGrads};
+use dfdx::optim::{Optimizer, OptimizerUpdateError};
+use dfdx::prelude::*;
+use mgpo_core::{Config, Direction, MgpoError, Scope, Space};
+use mgpo_dfdx::{DfdxMgpo, LoraConfig, LoraLinear};
+use mgpo_ndarray::NdBackend;
+use ndarray::{ArrayD, IxDyn};
+
+const IN: usize = 5;
+const HID: usize = 4;
+const OUT: usize = 3;
+const BATCH: usize = 6;
+type Net = (LoraLinear<IN, HID, 2, f64, Cpu>, ReLU, Linear<HID, OUT, f64, Cpu>);
+
+fn net(dev: &Cpu) -> Net {
+    let mut m = Net::build(dev);
+    m.0.set_config(LoraConfig::new(3.0)).unwrap(); // s = 1.5
+    m.0.lora_b = dev.sample_normal::<Rank2<HID, 2>>() * 0.3;
+    m
+}
+
+fn nd<S: Shape>(t: &Tensor<S, f64, Cpu>) -> ArrayD<f64> {
+    let shape: Vec<usize> = t.shape().concrete().into();
+    ArrayD::from_shape_vec(IxDyn(&shape), t.as_vec()).unwrap()
+}
+
+/// The trainable tensors in layout order.
+fn trainables(m: &Net) -> Vec<ArrayD<f64>> {
+    vec![nd(&m.0.lora_a), nd(&m.0.lora_b), nd(&m.2.weight), nd(&m.2.bias)]
+}
+
+fn grads_of(m: &Net, g: &Gradients<f64, Cpu>) -> Vec<ArrayD<f64>> {
+    vec![nd(&g.get(&m.0.lora_a)), nd(&g.get(&m.0.lora_b)), nd(&g.get(&m.2.weight)), nd(&g.get(&m.2.bias))]
+}
+
+fn assert_close(what: &str, a: &[ArrayD<f64>], b: &[ArrayD<f64>]) {
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.shape(), y.shape());
+        for (p, q) in x.iter().zip(y.iter()) {
+            assert!((p - q).abs() <= 1e-12 * (1.0 + q.abs()), "{what}: tensor {i}: {p} vs {q}");
+        }
+    }
+}
+
+fn config(space: Space, scope: Scope, direction: Direction) -> Config {
+    let mut c = Config::paper_nlu(1e-2);
+    c.space = space;
+    c.scope = scope;
+    c.direction = direction;
+    c.rho = 0.2;
+    c.max_grad_norm = Some(1.0);
+    c.adamw.weight_decay = 0.01;
+    c
+}
+
+/// Layer 0's output with W0 replaced by W0 + coef (m_B A + B m_A), on the host.
+fn layer0_with_perturbed_w0(m: &Net, x: &[f64], coef: f64, mb: &ArrayD<f64>, ma: &ArrayD<f64>) -> Vec<f64> {
+    let l = &m.0;
+    let (a, b) = (nd(&l.lora_a), nd(&l.lora_b));
+    let mut w = nd(&l.weight);
+    for o in 0..HID {
+        for i in 0..IN {
+            let d: f64 = (0..2).map(|k| mb[[o, k]] * a[[k, i]] + b[[o, k]] * ma[[k, i]]).sum();
+            w[[o, i]] += coef * d;
+        }
+    }
+    let (bias, s) = (l.bias.as_vec(), l.scale());
+    let mut out = Vec::new();
+    for xr in x.chunks(IN) {
+        let ax: Vec<f64> = (0..2).map(|k| (0..IN).map(|i| a[[k, i]] * xr[i]).sum()).collect();
+        for o in 0..HID {
+            let y: f64 = (0..IN).map(|i| w[[o, i]] * xr[i]).sum::<f64>() + bias[o] + s * (0..2).map(|k| b[[o, k]] * ax[k]).sum::<f64>();
+            out.push(y);
+        }
+    }
+    out
+}
+
+fn matches_core(cfg: Config) {
+    let dev = Cpu::seed_from_u64(7);
+    let mut model = net(&dev);
+    let mut opt = DfdxMgpo::new(&model, cfg).unwrap();
+    assert_eq!(opt.trainable_names(), ["0.lora_a", "0.lora_b", "2.weight", "2.bias"]);
+    let layout = opt.mgpo().layout().clone();
+    assert_eq!(layout.adapters().len(), 1);
+    assert_eq!(layout.adapters()[0].name, "0");
+    assert_eq!(layout.adapters()[0].scale, 1.5);
+    assert_eq!(layout.adapters()[0].w0, None, "W0 is never registered");
+    let mut core = mgpo_core::Mgpo::new(NdBackend::<f64>::new(), cfg, layout).unwrap();
+    let mut p = trainables(&model);
+    let w0 = model.0.weight.as_vec();
+    let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
+    let y: Tensor<Rank2<BATCH, OUT>, f64, Cpu> = dev.sample_normal();
+    let mut grads = model.alloc_grads();
+    let mut perturbed_steps = 0;
+    for step in 0..6 {
+        let clean = p.clone();
+        opt.perturb(&mut model).unwrap();
+        core.perturb(&mut p, &mut Vec::<ArrayD<f64>>::new()).unwrap();
+        assert_close(&format!("step {step} perturbed"), &trainables(&model), &p);
+        match core.weight_perturbation(0) {
+            Some(wp) => {
+                assert_eq!(cfg.space, Space::Weight);
+                assert!(model.0.is_perturbed());
+                let want = layer0_with_perturbed_w0(&model, &x.as_vec(), wp.coef, wp.m_b, wp.m_a);
+                let got = model.0.forward(x.clone()).as_vec();
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() < 1e-12 * (1.0 + w.abs()), "step {step}: factored forward {g} vs dense {w}");
+                }
+                perturbed_steps += 1;
+            }
+            None if cfg.space == Space::Weight => assert!(!model.0.is_perturbed()),
+            None => {
+                if step > 0 {
+                    assert_ne!(trainables(&model), clean, "step {step}: adapter space must move A and B");
+                    perturbed_steps += 1;
+                }
+            }
+        }
+        let loss = dfdx::losses::mse_loss(model.forward(x.clone().traced(grads)), y.clone());
+        grads = loss.backward();
+        let g = grads_of(&model, &grads);
+        opt.update(&mut model, &grads).unwrap();
+        let rep = core.step(&mut p, &mut Vec::<ArrayD<f64>>::new(), &g).unwrap();
+        let got = opt.last_report().unwrap();
+        assert_eq!((got.step, got.skipped, got.groups.len()), (rep.step, rep.skipped, rep.groups.len()));
+        for (a, b) in got.groups.iter().zip(&rep.groups) {
+            for (x, y) in [(a.direction_norm, b.direction_norm), (a.perturbation_norm, b.perturbation_norm), (a.grad_norm, b.grad_norm)] {
+                assert!((x - y).abs() <= 1e-12 * (1.0 + y.abs()), "step {step} report: {a:?} vs {b:?}");
+            }
+        }
+        assert_close(&format!("step {step} after"), &trainables(&model), &p);
+        for (a, b) in opt.mgpo().state().g_bar.iter().zip(&core.state().g_bar) {
+            let (a, b) = (a.unwrap(), b.unwrap());
+            assert!((a - b).abs() <= 1e-12 * b, "step {step}: g_bar {a} vs {b}");
+        }
+        assert!(!model.0.is_perturbed(), "update leaves the model clean");
+        assert_eq!(model.0.weight.as_vec(), w0, "W0 must never change");
+        model.zero_grads(&mut grads);
+    }
+    assert!(perturbed_steps >= 4, "the perturbation was exercised only {perturbed_steps} times");
+}
+
+#[test]
+fn adapter_space_matches_core_on_ndarray() {
+    matches_core(config(Space::Adapter, Scope::Global, Direction::Ascent));
+}
+
+#[test]
+fn weight_space_matches_core_on_ndarray() {
+    matches_core(config(Space::Weight, Scope::PerAdapter, Direction::Descent));
+}
+
+#[test]
+fn weight_space_global_ascent_matches_core_on_ndarray() {
+    matches_core(config(Space::Weight, Scope::Global, Direction::Ascent));
+}
+
+#[test]
+fn missing_gradient_is_reported_as_unused_and_changes_nothing() {
+    let dev = Cpu::seed_from_u64(1);
+    let mut model = net(&dev);
+    let mut opt = DfdxMgpo::new(&model, Config::paper_nlu(1e-2)).unwrap();
+    let before = trainables(&model);
+    // Only layer 0 is on the tape: the head gets no gradient.
+    let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
+    let grads = model.0.forward(x.leaky_trace()).sum().backward();
+    match opt.update(&mut model, &grads) {
+        Err(OptimizerUpdateError::UnusedParams(u)) => assert_eq!(u.ids.len(), 2),
+        other => panic!("expected UnusedParams, got {other:?}"),
+    }
+    assert_eq!(opt.last_error(), Some(&MgpoError::MissingGradient("2.weight".into())));
+    assert_eq!(trainables(&model), before);
+    assert_eq!(opt.mgpo().state().step, 0);
+}
+
+#[test]
+fn non_finite_gradient_skips_and_restores_the_clean_point() {
+    let dev = Cpu::seed_from_u64(2);
+    let mut model = net(&dev);
+    let mut opt = DfdxMgpo::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
+    let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
+    let mut grads = model.alloc_grads();
+    // One clean step so that the next perturbation is not zero.
+    opt.perturb(&mut model).unwrap();
+    grads = model.forward(x.clone().traced(grads)).sum().backward();
+    opt.update(&mut model, &grads).unwrap();
+    model.zero_grads(&mut grads);
+    let clean = trainables(&model);
+    opt.perturb(&mut model).unwrap();
+    assert_ne!(trainables(&model), clean);
+    let bad = x.clone() * f64::NAN;
+    grads = model.forward(bad.traced(grads)).sum().backward();
+    opt.update(&mut model, &grads).unwrap();
+    let rep = opt.last_report().unwrap();
+    assert!(rep.skipped);
+    assert_eq!(rep.step, 1);
+    let restored = trainables(&model);
+    for (a, b) in restored.iter().zip(&clean) {
+        for (p, q) in a.iter().zip(b.iter()) {
+            assert!((p - q).abs() < 1e-14, "{p} vs {q}");
+        }
+    }
+}
+
+#[test]
+fn merged_layers_and_changed_scaling_are_refused() {
+    let dev = Cpu::seed_from_u64(3);
+    let mut model = net(&dev);
+    let mut opt = DfdxMgpo::new(&model, Config::paper_nlu(1e-2)).unwrap();
+    model.0.merge().unwrap();
+    let e = opt.perturb(&mut model).unwrap_err();
+    assert!(e.to_string().contains("merged"), "{e}");
+    let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
+    let grads = model.forward(x.trace(model.alloc_grads())).sum().backward();
+    assert!(opt.update(&mut model, &grads).is_err());
+    assert!(opt.last_error().unwrap().to_string().contains("merged"));
+    model.0.unmerge().unwrap();
+    model.0.set_config(LoraConfig::new(5.0)).unwrap();
+    let e = opt.perturb(&mut model).unwrap_err();
+    assert!(e.to_string().contains("scaling changed"), "{e}");
+    assert!(!opt.mgpo().is_perturbed());
+}
+
+#[test]
+fn perturb_twice_is_refused_and_unperturb_restores() {
+    let dev = Cpu::seed_from_u64(4);
+    let mut model = net(&dev);
+    let mut opt = DfdxMgpo::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
+    let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
+    let grads = model.forward(x.trace(model.alloc_grads())).sum().backward();
+    opt.update(&mut model, &grads).unwrap();
+    let clean = trainables(&model);
+    opt.perturb(&mut model).unwrap();
+    assert_eq!(opt.perturb(&mut model), Err(MgpoError::AlreadyPerturbed));
+    opt.unperturb(&mut model).unwrap();
+    for (a, b) in trainables(&model).iter().zip(&clean) {
+        for (p, q) in a.iter().zip(b.iter()) {
+            assert!((p - q).abs() < 1e-14);
+        }
+    }
+}
