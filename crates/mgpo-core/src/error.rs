@@ -46,9 +46,44 @@ pub enum MgpoError {
     /// A failure reported by the tensor backend.
     #[error("backend: {0}")]
     Backend(String),
-    /// A checkpoint or vector that cannot be read.
-    #[error("corrupt or incompatible data: {0}")]
+    /// Input that no longer fits what the optimizer was built for (a model
+    /// whose structure changed, say).
+    #[error("inconsistent input: {0}")]
     Corrupt(String),
+    /// A checkpoint that cannot be loaded into this optimizer.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+}
+
+/// What is wrong with a checkpoint. Loading one never changes the optimizer.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot read or write {path}: {reason}")]
+    Io { path: String, reason: String },
+    /// Not a safetensors file, truncated, or a header that does not parse.
+    #[error("not a readable safetensors file: {0}")]
+    Malformed(String),
+    /// The stored checksum does not match the contents.
+    #[error("checksum mismatch (stored {stored:016x}, computed {computed:016x}): the file is corrupted")]
+    Checksum { stored: u64, computed: u64 },
+    #[error("not a lora-mgpo optimizer checkpoint (format {0:?})")]
+    Format(String),
+    #[error("unsupported format version {found:?} (this build reads {expected})")]
+    Version { found: String, expected: u32 },
+    #[error("metadata field `{field}`: {reason}")]
+    Metadata { field: &'static str, reason: String },
+    #[error("configuration differs from the optimizer's: {field} is {stored} in the checkpoint, {current} here")]
+    ConfigMismatch { field: &'static str, stored: String, current: String },
+    #[error("tensors differ from the optimizer's: {0}")]
+    LayoutMismatch(String),
+    #[error("tensor `{name}` has dtype {dtype}; only F32 and F64 are accepted")]
+    Dtype { name: String, dtype: String },
+    #[error("tensor `{0}` is missing")]
+    MissingTensor(String),
+    #[error("unexpected tensor `{0}`")]
+    ExtraTensor(String),
+    #[error("tensor `{name}` has shape {got:?}, expected {expected:?}")]
+    Shape { name: String, expected: Vec<usize>, got: Vec<usize> },
 }
 
 pub type Result<T, E = MgpoError> = std::result::Result<T, E>;

@@ -11,6 +11,7 @@
 //! let report = opt.step(&mut params, &mut frozen, &grads)?;  // remove eps_t, AdamW
 //! ```
 
+pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod error;
@@ -22,7 +23,7 @@ pub mod schedule;
 pub mod slots;
 
 pub use config::{AdamWConfig, Config, Direction, Scope, Space};
-pub use error::{MgpoError, Result};
+pub use error::{CheckpointError, MgpoError, Result};
 pub use layout::{AdapterInfo, Layout, LayoutBuilder, TensorInfo};
 pub use mgpo::{Group, GroupReport, Mgpo, Moments, State, StepReport, WeightPerturbation};
 pub use ops::{adamw_element, AdamWConsts, AdamWStep, FusedUpdate, HostIo, LowRank, Reduce, TensorOps, Tensors};

@@ -77,6 +77,13 @@ pub trait LowRank: Tensors {
 pub trait HostIo: Tensors {
     fn from_f64(&self, shape: &[usize], data: &[f64]) -> Result<Self::Tensor>;
     fn to_f64(&self, t: &Self::Tensor) -> Result<Vec<f64>>;
+
+    /// Whether tensors keep f64 values exactly (decides a checkpoint's
+    /// dtype). The default probes a round trip of 1 + 2^-40.
+    fn f64_exact(&self) -> bool {
+        let x = 1.0 + 2f64.powi(-40);
+        self.from_f64(&[1], &[x]).and_then(|t| self.to_f64(&t)).is_ok_and(|v| v == [x])
+    }
 }
 
 /// Everything a training step needs.

@@ -1,0 +1,264 @@
+//! Optimizer checkpoints: the whole state (m and v of every trainable
+//! tensor by name, the step and skip counts, g_bar per group) with the
+//! configuration and layout it belongs to, as one safetensors file.
+//!
+//! - Written atomically: a temporary file beside the target, fsync, rename,
+//!   fsync of the directory. A crash at any point leaves the previous
+//!   checkpoint as it was.
+//! - Portable: tensors are F32 or F64 (the writer's precision), g_bar is
+//!   stored as exact f64 bits, so a checkpoint from one backend loads on any
+//!   other, and on the same backend a resumed run is bit-identical.
+//! - Verified before use: format, version, checksum, configuration (all
+//!   fields but the learning rate, which schedules change), layout, every
+//!   tensor's presence, dtype and shape. Any problem is a typed
+//!   [`CheckpointError`] and the optimizer is left exactly as it was.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::error::{CheckpointError, MgpoError, Result};
+use crate::mgpo::{Mgpo, Moments, State};
+use crate::ops::{HostIo, TensorOps};
+
+/// The `format` metadata value of an optimizer checkpoint.
+pub const FORMAT: &str = "lora-mgpo-optimizer";
+/// The format version this build writes and reads.
+pub const VERSION: u32 = 1;
+
+/// Metadata beside the tensors.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Header {
+    step: u64,
+    skipped: u64,
+    /// Group names, in the optimizer's order.
+    groups: Vec<String>,
+    /// g_bar per group as f64 bits in hex (exact, and infinities survive).
+    g_bar: Vec<Option<String>>,
+    /// (name, shape) of every trainable tensor, in layout order.
+    tensors: Vec<(String, Vec<usize>)>,
+}
+
+fn bad(field: &'static str, reason: impl ToString) -> MgpoError {
+    CheckpointError::Metadata { field, reason: reason.to_string() }.into()
+}
+
+/// A 64-bit checksum of the metadata and tensor bytes (FNV-style mixing of
+/// 8-byte words) over the `config` and `state` metadata strings and then
+/// every tensor's bytes in name order: not cryptographic, but any flipped
+/// bit changes it.
+pub fn checksum(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        let mut words = p.chunks_exact(8);
+        for w in &mut words {
+            h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+        }
+        let mut last = [0u8; 8];
+        last[..words.remainder().len()].copy_from_slice(words.remainder());
+        h = (h ^ u64::from_le_bytes(last) ^ p.len() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    h
+}
+
+fn tensor_name(kind: &str, name: &str) -> String {
+    format!("{kind}.{name}")
+}
+
+impl<B: TensorOps + HostIo> Mgpo<B> {
+    /// The checkpoint as bytes. Refused while the parameters are perturbed.
+    pub fn checkpoint_bytes(&self) -> Result<Vec<u8>> {
+        if self.is_perturbed() {
+            return Err(MgpoError::AlreadyPerturbed);
+        }
+        let be = self.backend();
+        let state = self.state();
+        let f64_exact = be.f64_exact();
+        let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (info, mv) in self.layout().tensors().iter().zip(&state.moments) {
+            for (kind, t) in [("m", &mv.m), ("v", &mv.v)] {
+                let values = be.to_f64(t)?;
+                let bytes: Vec<u8> = if f64_exact {
+                    values.iter().flat_map(|x| x.to_le_bytes()).collect()
+                } else {
+                    values.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect()
+                };
+                blobs.push((tensor_name(kind, &info.name), info.shape.clone(), bytes));
+            }
+        }
+        let header = Header {
+            step: state.step,
+            skipped: state.skipped,
+            groups: self.groups().iter().map(|g| g.name.clone()).collect(),
+            g_bar: state.g_bar.iter().map(|g| g.map(|x| format!("{:016x}", x.to_bits()))).collect(),
+            tensors: self.layout().tensors().iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
+        };
+        let config = serde_json::to_string(self.config()).map_err(|e| bad("config", e))?;
+        let header = serde_json::to_string(&header).map_err(|e| bad("state", e))?;
+        blobs.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut parts: Vec<&[u8]> = vec![config.as_bytes(), header.as_bytes()];
+        parts.extend(blobs.iter().map(|b| b.2.as_slice()));
+        let sum = checksum(&parts);
+        let meta = HashMap::from([
+            ("format".to_string(), FORMAT.to_string()),
+            ("version".to_string(), VERSION.to_string()),
+            ("config".to_string(), config),
+            ("state".to_string(), header),
+            ("checksum".to_string(), format!("{sum:016x}")),
+        ]);
+        let dtype = if f64_exact { Dtype::F64 } else { Dtype::F32 };
+        let views = blobs
+            .iter()
+            .map(|(n, s, d)| TensorView::new(dtype, s.clone(), d).map(|v| (n.clone(), v)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| CheckpointError::Malformed(e.to_string()))?;
+        safetensors::serialize(views, Some(meta)).map_err(|e| CheckpointError::Malformed(e.to_string()).into())
+    }
+
+    /// Writes the checkpoint to `path` atomically.
+    pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = self.checkpoint_bytes()?;
+        let io = |reason: std::io::Error| CheckpointError::Io { path: path.display().to_string(), reason: reason.to_string() };
+        let file_name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file path")))?;
+        let tmp = path.with_file_name(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, path)?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io(e).into()
+        })
+    }
+
+    /// Loads a checkpoint written by [`Mgpo::save_checkpoint`] on any backend.
+    pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let bytes = fs::read(path).map_err(|e| CheckpointError::Io { path: path.display().to_string(), reason: e.to_string() })?;
+        self.load_checkpoint_bytes(&bytes)
+    }
+
+    /// Loads a checkpoint from bytes; on any error nothing changes.
+    pub fn load_checkpoint_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        if self.is_perturbed() {
+            return Err(MgpoError::AlreadyPerturbed);
+        }
+        let malformed = |e: safetensors::SafeTensorError| MgpoError::from(CheckpointError::Malformed(e.to_string()));
+        let (_, metadata) = SafeTensors::read_metadata(bytes).map_err(malformed)?;
+        let st = SafeTensors::deserialize(bytes).map_err(malformed)?;
+        let meta = metadata.metadata().clone().unwrap_or_default();
+        let field = |k: &'static str| meta.get(k).ok_or_else(|| bad(k, "missing"));
+
+        let format = meta.get("format").cloned().unwrap_or_default();
+        if format != FORMAT {
+            return Err(CheckpointError::Format(format).into());
+        }
+        let version = field("version")?;
+        if version.parse::<u32>().ok() != Some(VERSION) {
+            return Err(CheckpointError::Version { found: version.clone(), expected: VERSION }.into());
+        }
+
+        let mut names: Vec<&str> = st.names();
+        names.sort_unstable();
+        let (config_text, header_text) = (field("config")?, field("state")?);
+        let mut parts: Vec<&[u8]> = vec![config_text.as_bytes(), header_text.as_bytes()];
+        for n in &names {
+            parts.push(st.tensor(n).map_err(malformed)?.data());
+        }
+        let stored = u64::from_str_radix(field("checksum")?, 16).map_err(|e| bad("checksum", e))?;
+        let computed = checksum(&parts);
+        if stored != computed {
+            return Err(CheckpointError::Checksum { stored, computed }.into());
+        }
+
+        let config: Config = serde_json::from_str(config_text).map_err(|e| bad("config", e))?;
+        check_config(&config, self.config())?;
+        let header: Header = serde_json::from_str(header_text).map_err(|e| bad("state", e))?;
+        let mine: Vec<(String, Vec<usize>)> = self.layout().tensors().iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+        if header.tensors != mine {
+            let stored: Vec<&str> = header.tensors.iter().map(|t| t.0.as_str()).collect();
+            let here: Vec<&str> = mine.iter().map(|t| t.0.as_str()).collect();
+            return Err(CheckpointError::LayoutMismatch(format!("checkpoint has {stored:?} with shapes {:?}, optimizer has {here:?} with shapes {:?}",
+                header.tensors.iter().map(|t| &t.1).collect::<Vec<_>>(), mine.iter().map(|t| &t.1).collect::<Vec<_>>())).into());
+        }
+        let groups: Vec<String> = self.groups().iter().map(|g| g.name.clone()).collect();
+        if header.groups != groups || header.g_bar.len() != groups.len() {
+            return Err(CheckpointError::LayoutMismatch(format!("groups {:?} in the checkpoint, {groups:?} here", header.groups)).into());
+        }
+        let g_bar = header
+            .g_bar
+            .iter()
+            .map(|g| g.as_ref().map(|h| u64::from_str_radix(h, 16).map(f64::from_bits).map_err(|e| bad("state", format!("g_bar {h:?}: {e}")))).transpose())
+            .collect::<Result<Vec<_>>>()?;
+
+        let expected: Vec<String> = if header.step == 0 {
+            Vec::new()
+        } else {
+            mine.iter().flat_map(|(n, _)| [tensor_name("m", n), tensor_name("v", n)]).collect()
+        };
+        if let Some(extra) = names.iter().find(|n| !expected.iter().any(|e| e == *n)) {
+            return Err(CheckpointError::ExtraTensor(extra.to_string()).into());
+        }
+        let be = self.backend();
+        let mut moments = Vec::with_capacity(mine.len());
+        if header.step > 0 {
+            for (name, shape) in &mine {
+                let load = |kind: &str| -> Result<B::Tensor> {
+                    let n = tensor_name(kind, name);
+                    let view = st.tensor(&n).map_err(|_| CheckpointError::MissingTensor(n.clone()))?;
+                    if view.shape() != shape.as_slice() {
+                        return Err(CheckpointError::Shape { name: n, expected: shape.clone(), got: view.shape().to_vec() }.into());
+                    }
+                    let values: Vec<f64> = match view.dtype() {
+                        Dtype::F64 => view.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
+                        Dtype::F32 => view.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64).collect(),
+                        other => return Err(CheckpointError::Dtype { name: n, dtype: format!("{other:?}") }.into()),
+                    };
+                    be.from_f64(shape, &values)
+                };
+                moments.push(Moments { m: load("m")?, v: load("v")? });
+            }
+        }
+        self.set_state(State { step: header.step, skipped: header.skipped, moments, g_bar })
+    }
+}
+
+/// Every field but the learning rate must match.
+fn check_config(stored: &Config, current: &Config) -> Result<()> {
+    let mut s = *stored;
+    s.adamw.lr = current.adamw.lr;
+    if s == *current {
+        return Ok(());
+    }
+    let (a, b) = (stored, current);
+    let d = |x: &dyn std::fmt::Debug| format!("{x:?}");
+    let fields: [(&'static str, String, String); 13] = [
+        ("rho", d(&a.rho), d(&b.rho)),
+        ("beta", d(&a.beta), d(&b.beta)),
+        ("eps", d(&a.eps), d(&b.eps)),
+        ("direction", d(&a.direction), d(&b.direction)),
+        ("space", d(&a.space), d(&b.space)),
+        ("scope", d(&a.scope), d(&b.scope)),
+        ("adaptive_norm", d(&a.adaptive_norm), d(&b.adaptive_norm)),
+        ("max_inv_scale", d(&a.max_inv_scale), d(&b.max_inv_scale)),
+        ("max_grad_norm", d(&a.max_grad_norm), d(&b.max_grad_norm)),
+        ("adamw.beta1", d(&a.adamw.beta1), d(&b.adamw.beta1)),
+        ("adamw.beta2", d(&a.adamw.beta2), d(&b.adamw.beta2)),
+        ("adamw.eps", d(&a.adamw.eps), d(&b.adamw.eps)),
+        ("adamw.weight_decay", d(&a.adamw.weight_decay), d(&b.adamw.weight_decay)),
+    ];
+    let (field, stored, current) = fields.into_iter().find(|f| f.1 != f.2).unwrap_or(("config", d(a), d(b)));
+    Err(CheckpointError::ConfigMismatch { field, stored, current }.into())
+}
