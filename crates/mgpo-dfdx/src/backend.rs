@@ -227,7 +227,7 @@ impl<E: Element> FusedUpdate for DfdxBackend<E> {
         same_shape("axpy", y, x)?;
         let a: E = elem(alpha);
         for (y, &x) in y.as_mut_slice().iter_mut().zip(x.as_slice()) {
-            *y = *y + a * x;
+            *y += a * x;
         }
         Ok(())
     }
@@ -310,7 +310,7 @@ impl<E: Element> LowRank for DfdxBackend<E> {
                 for (&f, row) in coef.iter().zip(rows.chunks_exact(inp)) {
                     let a = c * f;
                     for (wj, &z) in wr.iter_mut().zip(row) {
-                        *wj = *wj + a * z;
+                        *wj += a * z;
                     }
                 }
             }

@@ -98,7 +98,7 @@ fn prefix_of<'a>(name: &'a str, suffix: &str) -> Option<&'a str> {
 /// Records every tensor's name, shape, trainability and, for rank-0
 /// tensors, value.
 struct Scan<E> {
-    seen: Vec<(String, Vec<usize>, bool, Option<f64>)>,
+    seen: Vec<Seen>,
     _e: PhantomData<E>,
 }
 
@@ -186,19 +186,29 @@ where
                     });
                 }
             }
-            Role::Merged(a) => {
-                if t.as_vec().iter().any(|&x| x != E::zero()) {
-                    return Err(MgpoError::AdapterShape {
-                        name: self.layout.adapters()[a].name.clone(),
-                        detail: "the adapter is merged into its base weight: unmerge it before training".into(),
-                    });
-                }
+            Role::Merged(a) if t.as_vec().iter().any(|&x| x != E::zero()) => {
+                return Err(MgpoError::AdapterShape {
+                    name: self.layout.adapters()[a].name.clone(),
+                    detail: "the adapter is merged into its base weight: unmerge it before training".into(),
+                });
             }
             _ => {}
         }
         Ok(None)
     }
 }
+
+/// Selects one tensor of a [`Factored`].
+type Pick<E> = fn(&Factored<E>) -> &DfTensor<E>;
+
+/// One scanned tensor: full name, shape, trained by dfdx, value if rank 0.
+type Seen = (String, Vec<usize>, bool, Option<f64>);
+
+/// Builds the role of a non-trainable tensor of adapter i.
+type MakeRole = fn(usize) -> Role;
+
+/// Parameters and gradients, in layout order.
+type Gathered<E> = (Vec<DfTensor<E>>, Vec<DfTensor<E>>);
 
 /// Writes the trainable tensors back into the model and sets (or clears)
 /// the layers' factored perturbations.
@@ -226,7 +236,7 @@ where
             return self.params[i].write_into(t).map(|_| None);
         }
         let Some(factored) = self.factored else { return Ok(None) };
-        let (a, pick): (usize, fn(&Factored<E>) -> &DfTensor<E>) = match role {
+        let (a, pick): (usize, Pick<E>) = match role {
             Role::Coef(a) => (a, |f| &f.coef),
             Role::Pa(a) => (a, |f| &f.a),
             Role::Pb(a) => (a, |f| &f.b),
@@ -316,7 +326,7 @@ where
         &self.plan.trainable_names
     }
 
-    fn gather(&mut self, model: &mut M, grads: Option<&Gradients<E, Cpu>>) -> Result<(Vec<DfTensor<E>>, Vec<DfTensor<E>>)> {
+    fn gather(&mut self, model: &mut M, grads: Option<&Gradients<E, Cpu>>) -> Result<Gathered<E>> {
         let n = self.plan.trainable_names.len();
         let mut g = Gather {
             plan: &self.plan,
@@ -435,7 +445,7 @@ where
 }
 
 /// The layout and walk plan of a scanned model.
-fn plan_of(seen: &[(String, Vec<usize>, bool, Option<f64>)], space: Space) -> Result<(Plan, Layout)> {
+fn plan_of(seen: &[Seen], space: Space) -> Result<(Plan, Layout)> {
     let find = |name: &str| seen.iter().find(|(n, ..)| n == name);
     // Adapter prefixes, in the order their first trainable tensor is met.
     let mut adapters: Vec<(String, f64, Vec<usize>, Vec<usize>)> = Vec::new();
@@ -492,7 +502,7 @@ fn plan_of(seen: &[(String, Vec<usize>, bool, Option<f64>)], space: Space) -> Re
             trainable_names[li] = name.clone();
             Role::Trainable(li)
         } else {
-            let roles: [(&str, fn(usize) -> Role); 7] = [
+            const ROLES: [(&str, MakeRole); 7] = [
                 (names::SCALE, Role::Scale),
                 (names::MERGED, Role::Merged),
                 (names::COEF, Role::Coef),
@@ -501,7 +511,7 @@ fn plan_of(seen: &[(String, Vec<usize>, bool, Option<f64>)], space: Space) -> Re
                 (names::PMA, Role::Pma),
                 (names::PMB, Role::Pmb),
             ];
-            roles
+            ROLES
                 .iter()
                 .find_map(|(suffix, make)| suffix_adapter(suffix).map(|i| (i, make(i))))
                 .map_or(Role::Other, |(i, r)| {
