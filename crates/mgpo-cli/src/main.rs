@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod conformance;
+mod stress;
 
 #[derive(Parser)]
 #[command(name = "mgpo", version, about = "LoRA-MGPO: conformance, experiments, benchmarks")]
@@ -36,12 +37,29 @@ enum Command {
         #[arg(long, value_enum, default_value = "all")]
         dtype: Dtype,
     },
+    /// Write checkpoints in a loop, or verify one loads (for the crash test).
+    #[command(hide = true)]
+    CheckpointStress {
+        #[arg(long)]
+        path: PathBuf,
+        #[arg(long, default_value_t = 1 << 20)]
+        params: usize,
+        /// Verify instead of write.
+        #[arg(long)]
+        verify: bool,
+        /// Rounds to write; 0 = until killed.
+        #[arg(long, default_value_t = 0)]
+        rounds: u64,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Conformance { vectors, backend, dtype } => conformance::run(&vectors, &backend, dtype),
+        Command::CheckpointStress { path, params, verify, rounds } => {
+            if verify { stress::verify(&path, params) } else { stress::write(&path, params, rounds) }.map(|()| true)
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
