@@ -399,6 +399,11 @@ where
     /// gradient is reported as `UnusedParams` (nothing is changed); any
     /// other refusal as `DeviceError(WrongNumElements)`, with the full
     /// error in [`DfdxMgpo::last_error`].
+    ///
+    /// dfdx 0.13 can only tell a missing gradient by `Gradients::get`
+    /// panicking; the panic is caught (its message still reaches stderr),
+    /// so this needs the default `panic = "unwind"`. Gradients from
+    /// `model.alloc_grads()` always hold every trainable tensor.
     fn update(&mut self, module: &mut M, gradients: &Gradients<E, Cpu>) -> std::result::Result<(), OptimizerUpdateError<CpuError>> {
         match self.step(module, gradients) {
             Ok(r) => {

@@ -245,3 +245,48 @@ fn perturb_twice_is_refused_and_unperturb_restores() {
         }
     }
 }
+
+#[test]
+fn a_bare_layer_is_one_adapter_named_lora() {
+    let dev = Cpu::seed_from_u64(5);
+    let layer = LoraLinear::<IN, HID, 2, f64, Cpu>::try_new(&dev, LoraConfig::rslora(4.0)).unwrap();
+    let opt = DfdxMgpo::new(&layer, Config::trainer_nlu(1e-3)).unwrap();
+    assert_eq!(opt.trainable_names(), ["lora_a", "lora_b"]);
+    let l = opt.mgpo().layout();
+    assert_eq!((l.adapters()[0].name.as_str(), l.adapters()[0].scale), ("lora", 4.0 / 2f64.sqrt()));
+    assert!(l.plain().is_empty());
+}
+
+/// A home-made adapter module: `lora_a`, `lora_b` and a rank-0 `lora_scale`,
+/// but none of the factored-perturbation tensors.
+#[derive(Clone)]
+struct Bare {
+    lora_a: Tensor<Rank2<2, IN>, f64, Cpu>,
+    lora_b: Tensor<Rank2<HID, 2>, f64, Cpu>,
+    lora_scale: Tensor<Rank0, f64, Cpu>,
+}
+
+impl dfdx::nn::TensorCollection<f64, Cpu> for Bare {
+    type To<E2: Dtype, D2: Device<E2>> = Bare;
+    fn iter_tensors<V: dfdx::nn::ModuleVisitor<Self, f64, Cpu>>(v: &mut V) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
+        use dfdx::nn::TensorOptions;
+        v.visit_fields(
+            (
+                Self::tensor("lora_a", |s| &s.lora_a, |s| &mut s.lora_a, TensorOptions::reset_to_ones()),
+                Self::tensor("lora_b", |s| &s.lora_b, |s| &mut s.lora_b, TensorOptions::reset_to_zeros()),
+                Self::tensor("lora_scale", |s| &s.lora_scale, |s| &mut s.lora_scale, TensorOptions::detached(|t| t.try_fill_with_ones())),
+            ),
+            |_| unreachable!("never rebuilt in this test"),
+        )
+    }
+}
+
+#[test]
+fn weight_space_needs_the_factored_tensors_adapter_space_does_not() {
+    let dev = Cpu::default();
+    let bare = Bare { lora_a: dev.ones(), lora_b: dev.zeros(), lora_scale: dev.tensor(2.0) };
+    let e = DfdxMgpo::new(&bare, Config::trainer_nlu(1e-3)).err().expect("weight space must be refused");
+    assert!(e.to_string().contains("mgpo_coef"), "{e}");
+    let opt = DfdxMgpo::new(&bare, Config::paper_nlu(1e-3)).unwrap();
+    assert_eq!(opt.mgpo().layout().adapters()[0].scale, 2.0);
+}
