@@ -1,7 +1,7 @@
 //! # mgpo-ndarray
 //!
 //! The embedded default backend: [`NdBackend<F>`] runs LoRA-MGPO on
-//! `ndarray::ArrayD<F>` for `F` = f32 or f64. Every element-wise update is
+//! `ndarray::ArrayD<F>` for `F` = f32, f64 or bf16. Every element-wise update is
 //! one fused pass, split into fixed blocks that rayon runs in parallel above
 //! [`NdBackend::par_threshold`] elements; reductions accumulate in f64 in an
 //! order that does not depend on the thread count, so runs are
@@ -18,6 +18,8 @@ use num_traits::Float;
 pub trait Element: Float + ndarray::LinalgScalar + Send + Sync + std::fmt::Debug + 'static {}
 impl Element for f32 {}
 impl Element for f64 {}
+/// bf16 storage with bf16 arithmetic per element (reductions still in f64).
+impl Element for half::bf16 {}
 
 /// The ndarray backend for element type `F`.
 #[derive(Debug, Clone, Copy)]
