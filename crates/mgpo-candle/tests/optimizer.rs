@@ -1,0 +1,307 @@
+//! The optimizer wrapper: `candle_nn::Optimizer` behaviour, AdamW
+//! equivalence with `candle_nn::AdamW`, registration and error handling,
+//! and the in-place backend operations on candle tensors.
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
+use mgpo_candle::{cpu_f32, cpu_f64, AdapterSpec, CandleBackend, MgpoOptimizer};
+use mgpo_core::{AdamWConfig, AdamWStep, Config, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Space, Tensors};
+
+/// Deterministic values in [-1, 1) (splitmix64).
+fn det(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            2.0 * ((z >> 11) as f64 / (1u64 << 53) as f64) - 1.0
+        })
+        .collect()
+}
+
+fn var(shape: &[usize], seed: u64, dtype: DType) -> Var {
+    let n = shape.iter().product();
+    let t = Tensor::from_vec(det(n, seed), shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+    Var::from_tensor(&t).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// A loss whose gradient changes with the parameters: sum (v - t)^2 + 0.1 sum v^3.
+fn loss(vars: &[Var], dtype: DType) -> Tensor {
+    let mut total = Tensor::zeros((), dtype, &Device::Cpu).unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let t = Tensor::from_vec(det(v.elem_count(), 100 + i as u64), v.shape(), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let sq = v.as_tensor().sub(&t).unwrap().sqr().unwrap().sum_all().unwrap();
+        let cube = v.as_tensor().powf(3.0).unwrap().sum_all().unwrap().affine(0.1, 0.0).unwrap();
+        total = (total + sq + cube).unwrap();
+    }
+    total
+}
+
+fn adamw_equivalence(dtype: DType, tol: f64) {
+    let shapes: [&[usize]; 3] = [&[5, 3], &[4], &[2, 6]];
+    let mk = || shapes.iter().enumerate().map(|(i, s)| var(s, i as u64, dtype)).collect::<Vec<_>>();
+    let (v1, v2) = (mk(), mk());
+    let p = ParamsAdamW { lr: 0.05, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.01 };
+    let mut reference = AdamW::new(v1.clone(), p.clone()).unwrap();
+    let cfg = Config::adamw(AdamWConfig { lr: p.lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay });
+    let mut ours = <MgpoOptimizer as Optimizer>::new(v2.clone(), cfg).unwrap();
+    for step in 0..20 {
+        reference.backward_step(&loss(&v1, dtype)).unwrap();
+        Optimizer::backward_step(&mut ours, &loss(&v2, dtype)).unwrap();
+        for (a, b) in v1.iter().zip(&v2) {
+            for (x, y) in values(a).iter().zip(values(b)) {
+                assert!((x - y).abs() <= tol * (1.0 + x.abs()), "step {step}: candle_nn::AdamW {x} vs MGPO(rho=0) {y}");
+            }
+        }
+        // The two must actually be moving.
+        assert_ne!(values(&v2[0]), det(15, 0).iter().map(|&x| x as f32 as f64).collect::<Vec<_>>());
+    }
+    assert_eq!(ours.state().step, 20);
+    assert_eq!(Optimizer::learning_rate(&ours), 0.05);
+}
+
+#[test]
+fn rho_zero_matches_candle_nn_adamw_f64() {
+    adamw_equivalence(DType::F64, 1e-12);
+}
+
+#[test]
+fn rho_zero_matches_candle_nn_adamw_f32() {
+    adamw_equivalence(DType::F32, 2e-5);
+}
+
+#[test]
+fn a_missing_gradient_is_an_error_and_leaves_parameters_clean() {
+    let (a, b) = (var(&[3, 2], 1, DType::F64), var(&[2], 2, DType::F64));
+    let mut opt = <MgpoOptimizer as Optimizer>::new(vec![a.clone(), b.clone()], Config::paper_nlu(0.1)).unwrap();
+    // Two complete steps give the optimizer a momentum, so perturb moves a and b.
+    for _ in 0..2 {
+        opt.perturb().unwrap();
+        opt.step(&loss(&[a.clone(), b.clone()], DType::F64).backward().unwrap()).unwrap();
+    }
+    let (a0, b0) = (values(&a), values(&b));
+    opt.perturb().unwrap();
+    assert_ne!(values(&a), a0, "perturb moved nothing");
+    let only_a = loss(std::slice::from_ref(&a), DType::F64).backward().unwrap();
+    let e = opt.step(&only_a).unwrap_err();
+    assert_eq!(e, MgpoError::MissingGradient("param1".into()));
+    assert!(!opt.is_perturbed());
+    for (x, y) in values(&a).iter().zip(&a0).chain(values(&b).iter().zip(&b0)) {
+        assert!((x - y).abs() < 1e-15, "{x} vs clean {y}");
+    }
+    assert_eq!(opt.state().step, 2);
+}
+
+#[test]
+fn an_invalid_learning_rate_is_reported_by_the_next_step() {
+    let a = var(&[3], 1, DType::F32);
+    let mut opt = <MgpoOptimizer as Optimizer>::new(vec![a.clone()], Config::paper_nlu(0.1)).unwrap();
+    Optimizer::set_learning_rate(&mut opt, f64::NAN);
+    assert_eq!(Optimizer::learning_rate(&opt), 0.1);
+    let e = opt.step(&loss(std::slice::from_ref(&a), DType::F32).backward().unwrap()).unwrap_err();
+    assert!(matches!(e, MgpoError::InvalidConfig { field: "lr", .. }), "{e}");
+    Optimizer::set_learning_rate(&mut opt, 0.2);
+    assert_eq!(opt.lr(), 0.2);
+    opt.step(&loss(std::slice::from_ref(&a), DType::F32).backward().unwrap()).unwrap();
+}
+
+#[test]
+fn registration_errors_are_typed() {
+    let (a, b) = (var(&[2, 3], 1, DType::F32), var(&[4, 2], 2, DType::F32));
+    let e = MgpoOptimizer::builder(Config::default()).adapter("q", &a, &b, 2.0).plain("again", &a).build().unwrap_err();
+    assert_eq!(e, MgpoError::DuplicateName("again".into()));
+    let e = MgpoOptimizer::builder(Config::default()).adapter("q", &a, &a, 2.0).build().unwrap_err();
+    assert!(matches!(e, MgpoError::DuplicateName(_) | MgpoError::AdapterShape { .. }), "{e}");
+    let e = MgpoOptimizer::builder(Config::default()).adapter("q", &b, &b, 2.0).build().unwrap_err();
+    assert!(matches!(e, MgpoError::DuplicateName(_) | MgpoError::AdapterShape { .. }), "{e}");
+    let c = var(&[2, 3], 3, DType::F64);
+    let e = MgpoOptimizer::builder(Config::default()).plain("x", &a).plain("y", &c).build().unwrap_err();
+    assert!(e.to_string().contains("dtype"), "{e}");
+    assert_eq!(MgpoOptimizer::builder(Config::default()).build().unwrap_err(), MgpoError::Empty);
+    assert!(<MgpoOptimizer as Optimizer>::new(vec![], Config::default()).is_err());
+    let bad = Config { rho: -1.0, ..Config::default() };
+    assert!(matches!(MgpoOptimizer::builder(bad).plain("x", &a).build().unwrap_err(), MgpoError::InvalidConfig { .. }));
+}
+
+#[test]
+fn a_varmap_gives_adapters_by_path_and_the_rest_as_plain_tensors() {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    vb.pp("q").get((2, 5), "lora_a").unwrap();
+    vb.pp("q").get((3, 2), "lora_b").unwrap();
+    vb.get((3, 3), "head").unwrap();
+    let opt = MgpoOptimizer::builder(Config::default()).varmap(&vm, &[AdapterSpec::lora("q", 4.0)]).build().unwrap();
+    let names: Vec<_> = opt.layout().tensors().iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["q.a", "q.b", "head"]);
+    assert_eq!(opt.layout().adapters()[0].scale, 4.0);
+    let e = MgpoOptimizer::builder(Config::default()).varmap(&vm, &[AdapterSpec::lora("k", 1.0)]).build().unwrap_err();
+    assert_eq!(e, MgpoError::UnknownName("k.lora_a".into()));
+}
+
+/// In weight space with W0 given to the optimizer, `perturb` writes W0 in
+/// place and `step` takes the perturbation out again.
+#[test]
+fn the_in_place_w0_path_restores_w0_within_rounding() {
+    let (a, b) = (var(&[2, 5], 1, DType::F64), var(&[4, 2], 2, DType::F64));
+    let w0 = Tensor::from_vec(det(20, 3), (4, 5), &Device::Cpu).unwrap();
+    let w_init = values(&w0);
+    let mut cfg = Config::trainer_nlu(0.05);
+    cfg.rho = 0.5;
+    assert_eq!(cfg.space, Space::Weight);
+    let mut opt = MgpoOptimizer::builder(cfg).adapter_with_w0("q", &a, &b, &w0, 2.0).build().unwrap();
+    let x = Tensor::from_vec(det(30, 4), (6, 5), &Device::Cpu).unwrap();
+    let mut moved = false;
+    for _ in 0..5 {
+        opt.perturb().unwrap();
+        moved |= values(&w0) != w_init;
+        let y = (x.matmul(&w0.t().unwrap()).unwrap()
+            + x.matmul(&a.as_tensor().t().unwrap()).unwrap().matmul(&b.as_tensor().t().unwrap()).unwrap().affine(2.0, 0.0).unwrap())
+        .unwrap();
+        let l = y.sqr().unwrap().sum_all().unwrap();
+        opt.step(&l.backward().unwrap()).unwrap();
+        for (p, q) in values(&w0).iter().zip(&w_init) {
+            assert!((p - q).abs() <= 1e-14 * (1.0 + q.abs()), "W0 {p} vs initial {q}");
+        }
+    }
+    assert!(moved, "W0 was never perturbed");
+}
+
+fn step_consts() -> AdamWStep {
+    AdamWStep { unperturb: 0.1, decay: 0.99, grad_scale: 0.5, beta1: 0.9, beta2: 0.999, step_size: 0.01, bias2_sqrt: 0.3, eps: 1e-8 }
+}
+
+#[test]
+fn aliased_tensors_are_refused_not_deadlocked() {
+    for be in [cpu_f32(), cpu_f64()] {
+        let mut p = be.from_f64(&[2, 3], &det(6, 1)).unwrap();
+        let g = be.from_f64(&[2, 3], &det(6, 2)).unwrap();
+        let mut v = be.zeros_like(&p).unwrap();
+        let mut m = p.clone();
+        let e = be.adamw(&mut p, &g, &mut m, &mut v, &step_consts()).unwrap_err();
+        assert!(e.to_string().contains("share"), "{e}");
+        let view = p.reshape((3, 2)).unwrap().reshape((2, 3)).unwrap();
+        assert!(be.axpy(&mut p, 1.0, &view).is_err());
+        let mut w = be.from_f64(&[3, 3], &det(9, 3)).unwrap();
+        let q = be.from_f64(&[1, 3], &det(3, 4)).unwrap();
+        let wv = w.narrow(0, 0, 3).unwrap().narrow(1, 0, 1).unwrap();
+        assert!(be.add_low_rank(&mut w, 1.0, &wv, &q, &wv, &q).is_err());
+    }
+}
+
+/// Gradients of transposed weights come out as strided views; the fused
+/// kernels read them as the same values.
+#[test]
+fn strided_gradients_are_read_by_value() {
+    let be = cpu_f32();
+    let gt = be.from_f64(&[3, 2], &det(6, 2)).unwrap().t().unwrap();
+    assert!(!gt.is_contiguous());
+    let g = gt.contiguous().unwrap();
+    let run = |g: &Tensor| {
+        let mut p = be.from_f64(&[2, 3], &det(6, 1)).unwrap();
+        let mut m = be.from_f64(&[2, 3], &det(6, 5)).unwrap();
+        let mut v = be.from_f64(&[2, 3], &det(6, 6)).unwrap().abs().unwrap();
+        let sq = be.adamw(&mut p, g, &mut m, &mut v, &step_consts()).unwrap();
+        (values(&p), values(&m), values(&v), sq)
+    };
+    assert_eq!(run(&gt), run(&g));
+    assert_eq!(be.sum_sq(&gt).unwrap(), be.sum_sq(&g).unwrap());
+}
+
+/// The fused CPU pass and the tensor-op chain compute the same update.
+#[test]
+fn fused_and_tensor_op_paths_agree() {
+    for (dtype, tol) in [(DType::F64, 1e-14), (DType::F32, 1e-6)] {
+        let fused = CandleBackend::cpu(dtype);
+        let chain = CandleBackend { cpu_kernels: false, ..fused.clone() };
+        let mk = |be: &CandleBackend, s| be.from_f64(&[7, 9], &det(63, s)).unwrap();
+        let run = |be: &CandleBackend| {
+            let (mut p, g, mut m) = (mk(be, 1), mk(be, 2), mk(be, 3));
+            let mut v = mk(be, 4).abs().unwrap();
+            let sq = be.adamw(&mut p, &g, &mut m, &mut v, &step_consts()).unwrap();
+            be.axpy(&mut p, -0.3, &g).unwrap();
+            let mut w = mk(be, 5);
+            let (pp, q) = (be.from_f64(&[7, 2], &det(14, 6)).unwrap(), be.from_f64(&[2, 9], &det(18, 7)).unwrap());
+            let (r, s) = (be.from_f64(&[7, 2], &det(14, 8)).unwrap(), be.from_f64(&[2, 9], &det(18, 9)).unwrap());
+            be.add_low_rank(&mut w, 0.7, &pp, &q, &r, &s).unwrap();
+            let grams = [be.gram_cols(&pp, &r).unwrap(), be.gram_rows(&q, &s).unwrap()].concat();
+            (values(&p), values(&m), values(&v), values(&w), grams, sq, be.sum_sq(&w).unwrap())
+        };
+        let (a, b) = (run(&fused), run(&chain));
+        let close = |x: &[f64], y: &[f64]| x.iter().zip(y).all(|(p, q)| (p - q).abs() <= tol * (1.0 + q.abs()));
+        assert!(close(&a.0, &b.0) && close(&a.1, &b.1) && close(&a.2, &b.2) && close(&a.3, &b.3), "{dtype:?}");
+        assert!(close(&a.4, &b.4) && close(&[a.5, a.6], &[b.5, b.6]), "{dtype:?}");
+    }
+}
+
+#[test]
+fn reductions_accumulate_in_f64_and_see_non_finite_values() {
+    let be = cpu_f32();
+    // 2^24 + 1 is not an f32; accumulated in f32 the ones below would vanish.
+    let mut data = vec![4096.0; 1];
+    data.extend(std::iter::repeat_n(1.0, 4096));
+    let t = be.from_f64(&[data.len()], &data).unwrap();
+    assert_eq!(be.sum_sq(&t).unwrap(), 4096.0 * 4096.0 + 4096.0);
+    let t = be.from_f64(&[3], &[1.0, f64::INFINITY, 0.0]).unwrap();
+    assert!(!be.sum_sq(&t).unwrap().is_finite());
+    assert!(!be.all_finite(&t).unwrap());
+    assert!(be.all_finite(&be.from_f64(&[2], &[1.0, -2.0]).unwrap()).unwrap());
+    assert!(be.from_f64(&[2, 2], &[1.0]).is_err());
+}
+
+#[test]
+fn shape_and_dtype_mismatches_are_errors() {
+    let (f, d) = (cpu_f32(), cpu_f64());
+    let mut y = f.from_f64(&[2, 2], &[1.0; 4]).unwrap();
+    assert!(f.axpy(&mut y, 1.0, &f.from_f64(&[4], &[1.0; 4]).unwrap()).is_err());
+    assert!(f.axpy(&mut y, 1.0, &d.from_f64(&[2, 2], &[1.0; 4]).unwrap()).is_err());
+    assert!(f.gram_cols(&y, &f.from_f64(&[4], &[1.0; 4]).unwrap()).is_err());
+    let mut w = f.from_f64(&[2, 3], &[0.0; 6]).unwrap();
+    let p = f.from_f64(&[2, 1], &[1.0; 2]).unwrap();
+    assert!(f.add_low_rank(&mut w, 1.0, &p, &p, &p, &p).is_err());
+}
+
+/// A run saved and resumed from a checkpoint continues exactly as the
+/// uninterrupted run.
+#[test]
+fn a_checkpoint_resumes_exactly() {
+    let dir = std::env::temp_dir().join(format!("mgpo-candle-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("opt.safetensors");
+    for dtype in [DType::F32, DType::F64] {
+        let mk = || (var(&[2, 5], 1, dtype), var(&[4, 2], 2, dtype), var(&[3], 3, dtype));
+        let build = |(a, b, h): &(Var, Var, Var)| {
+            MgpoOptimizer::builder(Config::trainer_nlu(0.05)).adapter("q", a, b, 2.0).plain("h", h).build().unwrap()
+        };
+        let run = |opt: &mut MgpoOptimizer, v: &(Var, Var, Var), n: usize| {
+            for _ in 0..n {
+                opt.perturb().unwrap();
+                let l = loss(&[v.0.clone(), v.1.clone(), v.2.clone()], dtype);
+                opt.step(&l.backward().unwrap()).unwrap();
+            }
+        };
+        let (v1, v2) = (mk(), mk());
+        let mut straight = build(&v1);
+        run(&mut straight, &v1, 6);
+        let mut first = build(&v2);
+        run(&mut first, &v2, 3);
+        first.save_checkpoint(&path).unwrap();
+        drop(first);
+        let mut resumed = build(&v2);
+        resumed.load_checkpoint(&path).unwrap();
+        assert_eq!(resumed.state().step, 3);
+        run(&mut resumed, &v2, 3);
+        for (x, y) in [(&v1.0, &v2.0), (&v1.1, &v2.1), (&v1.2, &v2.2)] {
+            assert_eq!(values(x), values(y), "{dtype:?}: resumed run differs");
+        }
+        assert_eq!(straight.state().g_bar, resumed.state().g_bar);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
