@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod bench;
 mod conformance;
+mod experiment;
 mod stress;
 
 #[derive(Parser)]
@@ -37,6 +39,13 @@ enum Command {
         #[arg(long, value_enum, default_value = "all")]
         dtype: Dtype,
     },
+    /// A small sweep (about two minutes on 2 cores): plain LoRA vs LoRA-MGPO
+    /// loss curves, rebound table and plot.
+    Demo(experiment::DemoArgs),
+    /// The full sweep over ranks, learning rates, seeds and methods.
+    Experiment(experiment::ExperimentArgs),
+    /// Optimizer-step benchmarks against the memory-bandwidth bound.
+    Bench(bench::BenchArgs),
     /// Write checkpoints in a loop, or verify one loads (for the crash test).
     #[command(hide = true)]
     CheckpointStress {
@@ -57,6 +66,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Conformance { vectors, backend, dtype } => conformance::run(&vectors, &backend, dtype),
+        Command::Demo(args) => experiment::demo(args),
+        Command::Experiment(args) => experiment::experiment(args),
+        Command::Bench(args) => bench::run(args),
         Command::CheckpointStress { path, params, verify, rounds } => {
             if verify { stress::verify(&path, params) } else { stress::write(&path, params, rounds) }.map(|()| true)
         }
