@@ -200,16 +200,18 @@ impl LoraLinear {
     }
 
     /// A new layer with base weight `w0` (out x in) and `bias` copied into
-    /// `path` as frozen variables `base.weight`, `base.bias` (so that they
-    /// are saved and loaded with the var store), plus a new adapter under
-    /// `path`.
+    /// `path` as non-trainable variables `base.weight`, `base.bias` (saved
+    /// and loaded with the var store, never listed among its trainable
+    /// variables, so `VarStore::unfreeze` leaves them frozen), in the var
+    /// store's kind and on its device, plus a new adapter under `path`.
     pub fn from_pretrained(w0: &Tensor, bias: Option<&Tensor>, cfg: &LoraConfig, path: &nn::Path) -> Result<Self> {
         let base_path = path / "base";
-        let ws = freeze(&base_path.f_var_copy("weight", w0).map_err(err)?);
-        let bs = match bias {
-            Some(b) => Some(freeze(&base_path.f_var_copy("bias", b).map_err(err)?)),
-            None => None,
+        let frozen_copy = |name: &str, t: &Tensor| -> Result<Tensor> {
+            let t = t.f_detach_copy().and_then(|t| t.f_to_kind(path.kind())).and_then(|t| t.f_to_device(path.device()));
+            Ok(base_path.add(name, t.map_err(err)?, false))
         };
+        let ws = frozen_copy("weight", w0)?;
+        let bs = bias.map(|b| frozen_copy("bias", b)).transpose()?;
         Self::new(nn::Linear { ws, bs }, cfg, path)
     }
 
