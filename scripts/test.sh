@@ -11,6 +11,9 @@ shared="${MGPO_SHARED_VECTORS:-../shared/conformance/vectors}"
 # shellcheck source=scripts/setup-libtorch.sh
 source scripts/setup-libtorch.sh
 
+# Property tests explore new cases on every developer run; CI replays a fixed seed.
+export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-20261130}"
+
 echo "== cargo test (all crates, all backends)"
 cargo test --workspace --all-features
 

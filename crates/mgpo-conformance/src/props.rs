@@ -3,7 +3,7 @@
 //! that run a backend step by step against the float64 [`Reference`] or
 //! against another backend.
 
-use mgpo_core::{AdamWConfig, Config, Direction, HostIo, Layout, Mgpo, Scope, Space, TensorOps};
+use mgpo_core::{AdamWConfig, Config, Direction, HostIo, Layout, Mgpo, Perturbation, Scope, Space, TensorOps};
 use proptest::prelude::*;
 
 use crate::reference::{Mat, RefAdapter, Reference};
@@ -92,6 +92,7 @@ impl Case {
                 weight_decay: r.pick(&[0.0, 0.1]),
             },
             max_grad_norm: r.pick(&[None, Some(0.5), Some(5.0)]),
+            perturbation: Perturbation::Momentum,
         };
         let adapters: Vec<CaseAdapter> = (0..1 + r.below(3))
             .map(|i| {

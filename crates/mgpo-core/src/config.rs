@@ -43,6 +43,19 @@ pub enum Scope {
     PerAdapter,
 }
 
+/// Where the perturbation points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Perturbation {
+    /// Along AdamW's first moment: LoRA-MGPO.
+    #[default]
+    Momentum,
+    /// Along fresh Gaussian noise of the same norm, rho k (the paper's
+    /// Table 4 ablation; adapter space only). The noise of step t is a pure
+    /// function of (seed, t, tensor), so runs are reproducible.
+    Gaussian { seed: u64 },
+}
+
 /// Hyper-parameters of the base optimizer, `torch.optim.AdamW` (non-amsgrad).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -86,6 +99,13 @@ pub struct Config {
     pub adamw: AdamWConfig,
     /// Global-norm gradient clipping before AdamW, as `clip_grad_norm_`.
     pub max_grad_norm: Option<f64>,
+    /// The perturbation's direction (not part of SPEC's vector format; absent means momentum).
+    #[serde(default, skip_serializing_if = "is_momentum")]
+    pub perturbation: Perturbation,
+}
+
+fn is_momentum(p: &Perturbation) -> bool {
+    *p == Perturbation::Momentum
 }
 
 impl Default for Config {
@@ -109,6 +129,7 @@ impl Config {
             max_inv_scale: None,
             adamw: AdamWConfig { lr, ..AdamWConfig::default() },
             max_grad_norm: None,
+            perturbation: Perturbation::Momentum,
         }
     }
 
@@ -182,6 +203,13 @@ impl Config {
         }
         if let Some(c) = self.max_grad_norm {
             check(c > 0.0 && !c.is_nan(), "max_grad_norm", c, "must be > 0")?;
+        }
+        if matches!(self.perturbation, Perturbation::Gaussian { .. }) && self.space != Space::Adapter {
+            return Err(crate::MgpoError::InvalidConfig {
+                field: "perturbation",
+                value: "gaussian".into(),
+                reason: "the Gaussian direction is defined in adapter space only",
+            });
         }
         validate_lr(self.adamw.lr)?;
         let a = &self.adamw;

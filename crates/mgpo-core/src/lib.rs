@@ -18,11 +18,12 @@ pub mod error;
 pub mod layout;
 pub mod lowrank;
 pub mod mgpo;
+pub mod noise;
 pub mod ops;
 pub mod schedule;
 pub mod slots;
 
-pub use config::{AdamWConfig, Config, Direction, Scope, Space};
+pub use config::{AdamWConfig, Config, Direction, Perturbation, Scope, Space};
 pub use error::{CheckpointError, MgpoError, Result};
 pub use layout::{AdapterInfo, Layout, LayoutBuilder, TensorInfo};
 pub use mgpo::{Group, GroupReport, Mgpo, Moments, State, StepReport, WeightPerturbation};

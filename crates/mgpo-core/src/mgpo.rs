@@ -15,10 +15,11 @@
 //! everything MGPO adds is a few scalars per group.
 
 use crate::clip::clip_factor;
-use crate::config::{validate_lr, Config, Space, Scope};
+use crate::config::{validate_lr, Config, Perturbation, Scope, Space};
 use crate::error::{MgpoError, Result};
 use crate::layout::Layout;
 use crate::lowrank::sum_of_products_sq;
+use crate::noise;
 use crate::ops::{AdamWStep, TensorOps};
 use crate::slots::{GradSlots, Slots};
 
@@ -152,14 +153,7 @@ impl<B: TensorOps> Mgpo<B> {
         let be = &self.backend;
         if let Some(moments) = self.has_state().then_some(&self.state.moments) {
             match self.config.space {
-                Space::Adapter => {
-                    for (t, g) in self.group_of.iter().enumerate() {
-                        let c = g.map_or(0.0, |g| applied.coef[g]);
-                        if c != 0.0 {
-                            be.axpy(params.slot_mut(t), c, &moments[t].m)?;
-                        }
-                    }
-                }
+                Space::Adapter => self.move_adapter_params(params, &applied, 1.0)?,
                 Space::Weight => {
                     for (i, ad) in self.layout.adapters.iter().enumerate() {
                         if let (Some(w), c) = (ad.w0, applied.coef[i]) {
@@ -226,8 +220,9 @@ impl<B: TensorOps> Mgpo<B> {
         let total = sq.iter().sum::<f64>().sqrt();
         let clip = clip_factor(self.config.max_grad_norm, total);
 
-        if self.config.space == Space::Weight {
-            self.remove_weight_perturbation(params, frozen)?;
+        let fused_removal = self.config.space == Space::Adapter && self.config.perturbation == Perturbation::Momentum;
+        if !fused_removal {
+            self.remove_perturbation(params, frozen)?;
         }
         let applied = self.applied.take();
         if let Some(ms) = fresh {
@@ -251,8 +246,8 @@ impl<B: TensorOps> Mgpo<B> {
             eps: a.eps,
         };
         for (i, g) in grads.iter().enumerate() {
-            k.unperturb = match (&applied, self.group_of[i]) {
-                (Some(ap), Some(gi)) => ap.coef[gi],
+            k.unperturb = match (&applied, self.group_of[i], fused_removal) {
+                (Some(ap), Some(gi), true) => ap.coef[gi],
                 _ => 0.0,
             };
             let Moments { m, v } = &mut self.state.moments[i];
@@ -273,19 +268,7 @@ impl<B: TensorOps> Mgpo<B> {
         F: Slots<B::Tensor> + ?Sized,
     {
         self.check_params(params, frozen)?;
-        match self.config.space {
-            Space::Weight => self.remove_weight_perturbation(params, frozen)?,
-            Space::Adapter => {
-                if let Some(ap) = &self.applied {
-                    for (t, g) in self.group_of.iter().enumerate() {
-                        let c = g.map_or(0.0, |g| ap.coef[g]);
-                        if c != 0.0 {
-                            self.backend.axpy(params.slot_mut(t), -c, &self.state.moments[t].m)?;
-                        }
-                    }
-                }
-            }
-        }
+        self.remove_perturbation(params, frozen)?;
         self.applied = None;
         Ok(())
     }
@@ -383,9 +366,15 @@ impl<B: TensorOps> Mgpo<B> {
         }
         let ms = &self.state.moments;
         for (gi, g) in self.groups.iter().enumerate() {
-            let n = match cfg.space {
-                Space::Adapter => g.members.iter().map(|&t| self.m_sq[t]).sum::<f64>().sqrt(),
-                Space::Weight => {
+            let n = match (cfg.space, cfg.perturbation) {
+                (Space::Adapter, Perturbation::Momentum) => g.members.iter().map(|&t| self.m_sq[t]).sum::<f64>().sqrt(),
+                (Space::Adapter, Perturbation::Gaussian { seed }) => g
+                    .members
+                    .iter()
+                    .map(|&t| noise::sum_sq(noise::tensor_seed(seed, self.state.step + 1, t), self.layout.tensors[t].shape.iter().product()))
+                    .sum::<f64>()
+                    .sqrt(),
+                (Space::Weight, _) => {
                     let mut s = 0.0;
                     for &i in &g.members {
                         let ad = &self.layout.adapters[i];
@@ -442,19 +431,41 @@ impl<B: TensorOps> Mgpo<B> {
         Ok(out)
     }
 
-    fn remove_weight_perturbation<P, F>(&mut self, params: &P, frozen: &mut F) -> Result<()>
+    /// Removes whatever perturbation is applied (it stays recorded).
+    fn remove_perturbation<P, F>(&self, params: &mut P, frozen: &mut F) -> Result<()>
     where
         P: Slots<B::Tensor> + ?Sized,
         F: Slots<B::Tensor> + ?Sized,
     {
-        if let Some(ap) = &self.applied {
-            let ms = &self.state.moments;
-            for (i, ad) in self.layout.adapters.iter().enumerate() {
-                if let (Some(w), c) = (ad.w0, ap.coef[i]) {
-                    if c != 0.0 {
-                        let (a, b) = (params.slot(ad.a), params.slot(ad.b));
-                        self.backend.add_low_rank(frozen.slot_mut(w), -c, &ms[ad.b].m, a, b, &ms[ad.a].m)?;
+        let Some(ap) = &self.applied else { return Ok(()) };
+        let ms = &self.state.moments;
+        match self.config.space {
+            Space::Adapter => self.move_adapter_params(params, ap, -1.0)?,
+            Space::Weight => {
+                for (i, ad) in self.layout.adapters.iter().enumerate() {
+                    if let (Some(w), c) = (ad.w0, ap.coef[i]) {
+                        if c != 0.0 {
+                            let (a, b) = (params.slot(ad.a), params.slot(ad.b));
+                            self.backend.add_low_rank(frozen.slot_mut(w), -c, &ms[ad.b].m, a, b, &ms[ad.a].m)?;
+                        }
                     }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// theta <- theta + sign * c_g d in adapter space, d = m or the step's noise.
+    fn move_adapter_params<P: Slots<B::Tensor> + ?Sized>(&self, params: &mut P, ap: &Applied, sign: f64) -> Result<()> {
+        for (t, g) in self.group_of.iter().enumerate() {
+            let c = sign * g.map_or(0.0, |g| ap.coef[g]);
+            if c == 0.0 {
+                continue;
+            }
+            match self.config.perturbation {
+                Perturbation::Momentum => self.backend.axpy(params.slot_mut(t), c, &self.state.moments[t].m)?,
+                Perturbation::Gaussian { seed } => {
+                    self.backend.axpy_noise(params.slot_mut(t), c, noise::tensor_seed(seed, self.state.step + 1, t))?
                 }
             }
         }

@@ -34,6 +34,14 @@ pub trait FusedUpdate: Tensors {
     /// y <- y + alpha x.
     fn axpy(&self, y: &mut Self::Tensor, alpha: f64, x: &Self::Tensor) -> Result<()>;
 
+    /// y <- y + alpha z with z_i = [`crate::noise::gaussian`]`(seed, i)`, i
+    /// the row-major index: the random-direction baseline. Backends that do
+    /// not draw noise keep this default, and that mode is refused on them.
+    fn axpy_noise(&self, y: &mut Self::Tensor, alpha: f64, seed: u64) -> Result<()> {
+        let _ = (y, alpha, seed);
+        Err(crate::MgpoError::Backend("this backend does not implement the Gaussian perturbation mode".into()))
+    }
+
     /// One AdamW step of one tensor with the perturbation removal and the
     /// clipping factor folded in, element by element as [`adamw_element`].
     /// Returns sum_i m_i^2 of the new first moment, which is the next

@@ -232,6 +232,13 @@ impl<E: Element> FusedUpdate for DfdxBackend<E> {
         Ok(())
     }
 
+    fn axpy_noise(&self, y: &mut DfTensor<E>, alpha: f64, seed: u64) -> Result<()> {
+        for (i, y) in y.as_mut_slice().iter_mut().enumerate() {
+            *y += elem::<E>(alpha * mgpo_core::noise::gaussian(seed, i as u64));
+        }
+        Ok(())
+    }
+
     /// One pass of [`adamw_element`] over p, g, m, v, summing the new m^2 in f64.
     fn adamw(&self, p: &mut DfTensor<E>, g: &DfTensor<E>, m: &mut DfTensor<E>, v: &mut DfTensor<E>, k: &AdamWStep) -> Result<f64> {
         same_shape("adamw grad", p, g)?;

@@ -9,6 +9,7 @@
 
 use std::marker::PhantomData;
 
+use mgpo_core::noise::gaussian;
 use mgpo_core::{adamw_element, AdamWConsts, AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
 use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, Ix2, IxDyn, Zip};
 use rayon::prelude::*;
@@ -157,6 +158,18 @@ impl<F: Element> FusedUpdate for NdBackend<F> {
             z.par_for_each(|y, &x| *y = *y + a * x);
         } else {
             z.for_each(|y, &x| *y = *y + a * x);
+        }
+        Ok(())
+    }
+
+    fn axpy_noise(&self, y: &mut ArrayD<F>, alpha: f64, seed: u64) -> Result<()> {
+        let add = |i: usize, y: &mut F| *y = *y + F::from(alpha * gaussian(seed, i as u64)).unwrap_or_else(F::nan);
+        let len = y.len();
+        match y.as_slice_mut() {
+            Some(ys) if self.parallel(len) => ys.par_chunks_mut(BLOCK).enumerate().for_each(|(b, c)| {
+                c.iter_mut().enumerate().for_each(|(j, y)| add(b * BLOCK + j, y));
+            }),
+            _ => y.iter_mut().enumerate().for_each(|(i, y)| add(i, y)),
         }
         Ok(())
     }
