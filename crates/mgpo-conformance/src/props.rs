@@ -134,7 +134,8 @@ impl Case {
         Case { config, adapters, plain, steps }
     }
 
-    fn layout(&self) -> mgpo_core::Result<Layout> {
+    /// The optimizer layout of the case: adapters (with W0 in weight space), then plain tensors.
+    pub fn layout(&self) -> mgpo_core::Result<Layout> {
         let weight = self.config.space == Space::Weight;
         let mut b = Layout::builder();
         for a in &self.adapters {
@@ -147,7 +148,7 @@ impl Case {
     }
 
     /// Shapes and data of the trainable tensors, in layout order.
-    fn trainable(&self) -> Vec<(Vec<usize>, &[f64])> {
+    pub fn trainable(&self) -> Vec<(Vec<usize>, &[f64])> {
         let mut out = Vec::new();
         for a in &self.adapters {
             out.push((vec![a.rank, a.fan_in], a.a.as_slice()));
@@ -188,10 +189,10 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
 }
 
 /// A backend driven through a case: its optimizer and its tensors.
-struct Run<B: TensorOps + HostIo> {
-    opt: Mgpo<B>,
-    params: Vec<B::Tensor>,
-    frozen: Vec<B::Tensor>,
+pub struct CaseRun<B: TensorOps + HostIo> {
+    pub opt: Mgpo<B>,
+    pub params: Vec<B::Tensor>,
+    pub frozen: Vec<B::Tensor>,
 }
 
 /// One observation after each phase of a step, as f64.
@@ -203,8 +204,9 @@ struct Snapshot {
     skipped: bool,
 }
 
-impl<B: TensorOps + HostIo + Clone> Run<B> {
-    fn new(be: &B, case: &Case) -> Result<Self, String> {
+impl<B: TensorOps + HostIo + Clone> CaseRun<B> {
+    /// The case's optimizer and tensors on `be`.
+    pub fn new(be: &B, case: &Case) -> Result<Self, String> {
         let e = |e: mgpo_core::MgpoError| e.to_string();
         let opt = Mgpo::new(be.clone(), case.config, case.layout().map_err(e)?).map_err(e)?;
         let params = case.trainable().iter().map(|(s, d)| be.from_f64(s, d)).collect::<Result<_, _>>().map_err(e)?;
@@ -213,7 +215,7 @@ impl<B: TensorOps + HostIo + Clone> Run<B> {
         } else {
             Vec::new()
         };
-        Ok(Run { opt, params, frozen })
+        Ok(CaseRun { opt, params, frozen })
     }
 
     fn host(&self, skipped: bool) -> Result<Snapshot, String> {
@@ -225,6 +227,17 @@ impl<B: TensorOps + HostIo + Clone> Run<B> {
     fn perturb(&mut self) -> Result<Snapshot, String> {
         self.opt.perturb(&mut self.params, &mut self.frozen).map_err(|e| e.to_string())?;
         self.host(false)
+    }
+
+    /// Perturb, then step with `s`'s gradients and learning rate.
+    pub fn full_step(&mut self, s: &CaseStep) -> Result<(), String> {
+        self.perturb()?;
+        self.step(s).map(|_| ())
+    }
+
+    /// Parameters and W0 on the host.
+    pub fn host_tensors(&self) -> Result<(Vec<Vec<f64>>, Vec<Vec<f64>>), String> {
+        self.host(false).map(|s| (s.params, s.frozen))
     }
 
     fn step(&mut self, s: &CaseStep) -> Result<Snapshot, String> {
@@ -291,7 +304,7 @@ fn reference_snapshot(r: &Reference, skipped: bool) -> Snapshot {
 /// perturbed point, the clean parameters, W0 and g_bar after every step.
 pub fn check_against_reference<B: TensorOps + HostIo + Clone>(backend: &B, case: &Case) -> Result<(), String> {
     let tol = tolerance_of(backend);
-    let mut run = Run::new(backend, case)?;
+    let mut run = CaseRun::new(backend, case)?;
     let mut r = case.reference();
     for (k, s) in case.steps.iter().enumerate() {
         let got = run.perturb()?;
@@ -313,7 +326,7 @@ where
 {
     let (ta, tb) = (tolerance_of(a), tolerance_of(b));
     let tol = if ta.rtol >= tb.rtol { ta } else { tb };
-    let (mut ra, mut rb) = (Run::new(a, case)?, Run::new(b, case)?);
+    let (mut ra, mut rb) = (CaseRun::new(a, case)?, CaseRun::new(b, case)?);
     for (k, s) in case.steps.iter().enumerate() {
         compare(&format!("step {} perturbed", k + 1), &ra.perturb()?, &rb.perturb()?, tol)?;
         compare(&format!("step {} after", k + 1), &ra.step(s)?, &rb.step(s)?, tol)?;
