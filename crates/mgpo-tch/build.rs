@@ -25,7 +25,7 @@ fn torch_lib_dir() -> Option<PathBuf> {
         return var("LIBTORCH_LIB").or_else(|| var("LIBTORCH")).map(|d| PathBuf::from(d).join("lib"));
     }
     let python = var("MGPO_TORCH_PYTHON").unwrap_or_else(|| {
-        if env::var_os("VIRTUAL_ENV").is_some() { "python" } else { "python3" }.to_string()
+        if var("VIRTUAL_ENV").is_some() { "python" } else { "python3" }.to_string()
     });
     let out = Command::new(python)
         .args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])

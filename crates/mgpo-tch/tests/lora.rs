@@ -68,7 +68,7 @@ fn forward_is_base_plus_scaled_low_rank() {
     let b0 = det(&[5], 0.9, 0.1, Kind::Double);
     let layer = LoraLinear::from_pretrained(&w0, Some(&b0), &LoraConfig::new(3, 4.5), &(vs.root() / "l")).unwrap();
     let ad = layer.adapter().unwrap();
-    let _ = tch::no_grad(|| ad.b().shallow_clone().copy_(&det(&[5, 3], 0.7, 0.3, Kind::Double)));
+    tch::no_grad(|| ad.b().shallow_clone().copy_(&det(&[5, 3], 0.7, 0.3, Kind::Double)));
     let x = det(&[2, 4, 7], 0.21, 1.0, Kind::Double); // batched input
     let want = x.matmul(&w0.tr()) + &b0 + x.matmul(&ad.a().tr()).matmul(&ad.b().tr()) * 1.5;
     assert!(max_diff(&layer.forward(&x), &want) < 1e-14);
@@ -87,7 +87,7 @@ fn dropout_only_on_the_adapter_input_and_only_in_training() {
     assert_eq!(bits(&layer.forward(&x)), bits(&base));
 
     let ad = layer.adapter().unwrap();
-    let _ = tch::no_grad(|| ad.b().shallow_clone().copy_(&det(&[6, 4], 0.7, 0.3, Kind::Double)));
+    tch::no_grad(|| ad.b().shallow_clone().copy_(&det(&[6, 4], 0.7, 0.3, Kind::Double)));
     let clean = &base + x.matmul(&ad.a().tr()).matmul(&ad.b().tr());
     let (t1, t2) = (layer.forward(&x), layer.forward(&x));
     assert!(max_diff(&t1, &clean) > 1e-3, "training mode must drop adapter inputs");
@@ -104,7 +104,7 @@ fn merge_and_unmerge_keep_w0_exact() {
     let w0 = det(&[5, 7], 0.3, 0.5, Kind::Double);
     let b0 = det(&[5], 0.9, 0.1, Kind::Double);
     let mut layer = LoraLinear::from_pretrained(&w0, Some(&b0), &LoraConfig::new(2, 2.0), &(vs.root() / "l")).unwrap();
-    let _ = tch::no_grad(|| layer.adapter().unwrap().b().shallow_clone().copy_(&det(&[5, 2], 0.7, 0.3, Kind::Double)));
+    tch::no_grad(|| layer.adapter().unwrap().b().shallow_clone().copy_(&det(&[5, 2], 0.7, 0.3, Kind::Double)));
     let w0_bits = bits(&layer.base().ws);
     let x = det(&[3, 7], 0.21, 1.0, Kind::Double);
     let unmerged = layer.forward(&x);
@@ -179,8 +179,8 @@ fn factored_weight_perturbation_trains_as_the_in_place_one_and_never_writes_w0()
     let layer = LoraLinear::from_pretrained(&w0, None, &LoraConfig::new(r as usize, s * r as f64), &(vs.root() / "l")).unwrap();
     let ad = layer.adapter().unwrap();
     tch::no_grad(|| {
-        let _ = ad.a().shallow_clone().copy_(&a0);
-        let _ = ad.b().shallow_clone().copy_(&b0);
+        ad.a().shallow_clone().copy_(&a0);
+        ad.b().shallow_clone().copy_(&b0);
     });
     let w0_bits = bits(&layer.base().ws);
     let mut opt = MgpoOptimizer::for_lora([&layer], config).unwrap();

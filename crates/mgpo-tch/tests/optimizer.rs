@@ -40,7 +40,7 @@ impl Net {
         let root = vs.root();
         let w0 = det(&[6, 4], 0.3, 0.5);
         let lora = LoraLinear::from_pretrained(&w0, None, &LoraConfig::new(2, 4.0), &(&root / "dec")).unwrap();
-        let _ = tch::no_grad(|| lora.adapter().unwrap().b().shallow_clone().copy_(&det(&[6, 2], 0.8, 0.2)));
+        tch::no_grad(|| lora.adapter().unwrap().b().shallow_clone().copy_(&det(&[6, 2], 0.8, 0.2)));
         let enc = &root / "enc";
         let enc_w0 = (&enc / "base").add("weight", det(&[4, 3], 0.5, 0.5), false);
         let enc_a = enc.var_copy("lora_a", &det(&[3, 3], 0.6, 0.3));
@@ -225,7 +225,7 @@ fn a_missing_gradient_is_an_error_and_leaves_the_parameters_clean() {
     // A step with a wrong-shaped gradient (a backward pass of another
     // model) is refused before any parameter changes.
     let mut g = unused.grad();
-    let _ = tch::no_grad(|| g.set_data(&Tensor::zeros([3], (Kind::Double, Device::Cpu))));
+    tch::no_grad(|| g.set_data(&Tensor::zeros([3], (Kind::Double, Device::Cpu))));
     let e = opt.step().unwrap_err();
     assert!(matches!(e, MgpoError::ShapeMismatch { .. }), "{e}");
     assert!(!opt.is_perturbed(), "an error leaves the parameters clean");
