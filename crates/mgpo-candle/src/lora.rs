@@ -283,6 +283,9 @@ impl LoraLinear {
 
 impl Module for LoraLinear {
     /// [`LoraLinear::forward_t`] in the layer's mode ([`LoraLinear::set_training`]).
+    /// candle implements `ModuleT` for every `Module` by ignoring its
+    /// `train` flag, so `x.apply_t(&layer, train)` also follows the layer's
+    /// mode; the inherent `layer.forward_t(x, train)` takes the flag.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_t(x, self.is_training())
     }

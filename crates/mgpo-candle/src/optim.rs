@@ -18,7 +18,9 @@ use mgpo_core::{Config, Layout, LayoutBuilder, MgpoError, Result, State, StepRep
 use crate::backend::CandleBackend;
 use crate::lora::{FactoredPerturbation, LoraLinear, PerturbationSlot};
 
-/// An adapter whose A and B live in a [`VarMap`], by variable path.
+/// An adapter whose A and B live in a [`VarMap`], by variable path, with
+/// its alpha: the scaling is s = alpha / r (rsLoRA: alpha / sqrt(r)), r
+/// read from A's shape (r x in).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterSpec {
     pub name: String,
@@ -26,15 +28,34 @@ pub struct AdapterSpec {
     pub a: String,
     /// Path of B (out x r) in the map.
     pub b: String,
-    /// s = alpha / r (or alpha / sqrt(r)).
-    pub scale: f64,
+    pub alpha: f64,
+    pub rslora: bool,
 }
 
 impl AdapterSpec {
+    pub fn new(name: &str, a: &str, b: &str, alpha: f64) -> Self {
+        AdapterSpec { name: name.to_string(), a: a.to_string(), b: b.to_string(), alpha, rslora: false }
+    }
+
     /// The variables of a [`LoraLinear`] created under `vb.pp(prefix)`:
     /// `{prefix}.lora_a`, `{prefix}.lora_b`.
-    pub fn lora(prefix: &str, scale: f64) -> Self {
-        AdapterSpec { name: prefix.to_string(), a: format!("{prefix}.lora_a"), b: format!("{prefix}.lora_b"), scale }
+    pub fn lora(prefix: &str, alpha: f64) -> Self {
+        Self::new(prefix, &format!("{prefix}.lora_a"), &format!("{prefix}.lora_b"), alpha)
+    }
+
+    /// s = alpha / sqrt(r) instead of alpha / r.
+    pub fn rslora(self) -> Self {
+        AdapterSpec { rslora: true, ..self }
+    }
+
+    /// s for an adapter of rank `r`.
+    pub fn scale(&self, r: usize) -> f64 {
+        let r = r as f64;
+        if self.rslora {
+            self.alpha / r.sqrt()
+        } else {
+            self.alpha / r
+        }
     }
 }
 
@@ -125,13 +146,18 @@ impl MgpoBuilder {
         self
     }
 
-    /// The adapters of `specs`, looked up in `varmap`, then every other
+    /// The adapters of `specs`, looked up in `varmap` (in `weight` space
+    /// their perturbation is for the caller's forward pass to apply, see
+    /// [`MgpoBuilder::adapter`]), then every other
     /// variable of the map not registered yet as a plain tensor (in name order).
     pub fn varmap(mut self, varmap: &VarMap, specs: &[AdapterSpec]) -> Self {
         let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner()).clone();
         for s in specs {
             match (data.get(&s.a), data.get(&s.b)) {
-                (Some(a), Some(b)) => self = self.adapter(&s.name, a, b, s.scale),
+                (Some(a), Some(b)) => {
+                    let r = a.dims().first().copied().unwrap_or(0);
+                    self = self.adapter(&s.name, a, b, s.scale(r));
+                }
                 (None, _) => return self.fail(MgpoError::UnknownName(s.a.clone())),
                 (_, None) => return self.fail(MgpoError::UnknownName(s.b.clone())),
             }

@@ -141,7 +141,10 @@ fn a_varmap_gives_adapters_by_path_and_the_rest_as_plain_tensors() {
     let opt = MgpoOptimizer::builder(Config::default()).varmap(&vm, &[AdapterSpec::lora("q", 4.0)]).build().unwrap();
     let names: Vec<_> = opt.layout().tensors().iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["q.a", "q.b", "head"]);
-    assert_eq!(opt.layout().adapters()[0].scale, 4.0);
+    // alpha 4 over rank 2.
+    assert_eq!(opt.layout().adapters()[0].scale, 2.0);
+    let opt = MgpoOptimizer::builder(Config::default()).varmap(&vm, &[AdapterSpec::lora("q", 4.0).rslora()]).build().unwrap();
+    assert_eq!(opt.layout().adapters()[0].scale, 4.0 / 2f64.sqrt());
     let e = MgpoOptimizer::builder(Config::default()).varmap(&vm, &[AdapterSpec::lora("k", 1.0)]).build().unwrap_err();
     assert_eq!(e, MgpoError::UnknownName("k.lora_a".into()));
 }
