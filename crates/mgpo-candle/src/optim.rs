@@ -412,7 +412,10 @@ impl Optimizer for MgpoOptimizer {
 
     /// Every floating-point variable becomes a plain tensor `param{i}`
     /// (non-float ones are ignored, as candle's AdamW does). At least one
-    /// is needed.
+    /// is needed. The names follow the order of `vars`, and
+    /// `VarMap::all_vars` has no fixed order: to save and load checkpoints
+    /// register named tensors with [`MgpoBuilder::rest_of`] or
+    /// [`MgpoBuilder::varmap`] instead.
     fn new(vars: Vec<Var>, config: Config) -> candle_core::Result<Self> {
         let b = vars
             .iter()
