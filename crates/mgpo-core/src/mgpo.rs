@@ -104,6 +104,8 @@ struct Applied {
     coef: Vec<f64>,
     direction_norm: Vec<f64>,
     inv_scale: Vec<f64>,
+    /// ||eps_d|| per group.
+    norm: Vec<f64>,
 }
 
 /// The LoRA-MGPO optimizer over a backend `B`.
@@ -202,7 +204,7 @@ impl<B: TensorOps> Mgpo<B> {
         if !finite {
             self.unperturb(params, frozen)?;
             self.state.skipped += 1;
-            return Ok(self.report(true, &vec![f64::NAN; self.groups.len()], f64::NAN, 1.0));
+            return Ok(self.report(None, true, &vec![f64::NAN; self.groups.len()], f64::NAN, 1.0));
         }
 
         let fresh = if self.has_state() {
@@ -254,10 +256,7 @@ impl<B: TensorOps> Mgpo<B> {
             self.m_sq[i] = self.backend.adamw(params.slot_mut(i), g, m, v, &k)?;
         }
         self.state.step = t;
-        self.applied = applied;
-        let report = self.report(false, &group_norms, total, clip);
-        self.applied = None;
-        Ok(report)
+        Ok(self.report(applied.as_ref(), false, &group_norms, total, clip))
     }
 
     /// Removes the perturbation, if any, without a step (to evaluate, or to
@@ -360,6 +359,7 @@ impl<B: TensorOps> Mgpo<B> {
             coef: vec![0.0; if cfg.space == Space::Weight { self.layout.adapters.len() } else { n_groups }],
             direction_norm: vec![0.0; n_groups],
             inv_scale: vec![1.0; n_groups],
+            norm: vec![0.0; n_groups],
         };
         if !self.has_state() || cfg.rho == 0.0 {
             return Ok(ap);
@@ -398,6 +398,7 @@ impl<B: TensorOps> Mgpo<B> {
                 continue;
             }
             let c = cfg.direction.sign() * cfg.rho * k / (n + cfg.eps);
+            ap.norm[gi] = c.abs() * n;
             match cfg.space {
                 Space::Adapter => ap.coef[gi] = c,
                 Space::Weight => {
@@ -472,24 +473,13 @@ impl<B: TensorOps> Mgpo<B> {
         Ok(())
     }
 
-    fn report(&self, skipped: bool, grad_norms: &[f64], total: f64, clip: f64) -> StepReport {
+    fn report(&self, applied: Option<&Applied>, skipped: bool, grad_norms: &[f64], total: f64, clip: f64) -> StepReport {
         let groups = self
             .groups
             .iter()
             .enumerate()
             .map(|(gi, g)| {
-                let (n, k, pn) = match &self.applied {
-                    Some(ap) => {
-                        let c = match self.config.space {
-                            Space::Adapter => ap.coef[gi].abs(),
-                            Space::Weight => g.members.first().map_or(0.0, |&i| {
-                                ap.coef[i].abs() / self.layout.adapters[i].scale.abs().max(f64::MIN_POSITIVE)
-                            }),
-                        };
-                        (ap.direction_norm[gi], ap.inv_scale[gi], c * ap.direction_norm[gi])
-                    }
-                    None => (0.0, 1.0, 0.0),
-                };
+                let (n, k, pn) = applied.map_or((0.0, 1.0, 0.0), |ap| (ap.direction_norm[gi], ap.inv_scale[gi], ap.norm[gi]));
                 GroupReport {
                     name: g.name.clone(),
                     direction_norm: n,
