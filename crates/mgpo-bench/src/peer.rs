@@ -1,0 +1,135 @@
+//! The PyTorch peer (`benches/peers/torch_peer.py --serve`), driven as a
+//! child process so that its measurements alternate with ours in one run:
+//! one JSON request per line on its stdin, one JSON answer per line back.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::memory::RssProbe;
+
+/// The repository root (this crate is `crates/mgpo-bench`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `benches/peers/torch_peer.py` of this repository.
+pub fn default_script() -> PathBuf {
+    repo_root().join("benches/peers/torch_peer.py")
+}
+
+/// The Python to run the peer with: `MGPO_TORCH_PYTHON` (set by
+/// `scripts/setup-libtorch.sh`), else the repository's `.venv-torch`, else
+/// `python3`.
+pub fn default_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("MGPO_TORCH_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = repo_root().join(".venv-torch/bin/python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+/// What the peer said about itself.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerInfo {
+    pub torch: String,
+    pub threads: usize,
+    pub python: String,
+}
+
+/// A running peer.
+pub struct Peer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub info: PeerInfo,
+}
+
+fn peer_command(python: &Path, script: &Path, threads: usize) -> Command {
+    let mut c = Command::new(python);
+    c.arg(script)
+        .args(["--threads", &threads.to_string()])
+        .env("OMP_NUM_THREADS", threads.to_string())
+        .env("MKL_NUM_THREADS", threads.to_string());
+    c
+}
+
+impl Peer {
+    /// Starts the peer with `threads` intra-op threads and reads its hello.
+    pub fn spawn(python: &Path, script: &Path, threads: usize) -> Result<Peer, String> {
+        let mut child = peer_command(python, script, threads)
+            .arg("--serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the PyTorch peer ({} {}): {e}", python.display(), script.display()))?;
+        let stdin = child.stdin.take().ok_or("peer stdin")?;
+        let stdout = BufReader::new(child.stdout.take().ok_or("peer stdout")?);
+        let mut peer = Peer { child, stdin, stdout, info: PeerInfo { torch: String::new(), threads: 0, python: python.display().to_string() } };
+        let hello = peer.read()?;
+        peer.info.torch = hello["torch"].as_str().ok_or("peer: no torch version in hello")?.to_string();
+        peer.info.threads = hello["threads"].as_u64().ok_or("peer: no thread count in hello")? as usize;
+        Ok(peer)
+    }
+
+    fn read(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        let n = self.stdout.read_line(&mut line).map_err(|e| format!("peer: {e}"))?;
+        if n == 0 {
+            return Err("the PyTorch peer exited (see its error above)".into());
+        }
+        let v: Value = serde_json::from_str(&line).map_err(|e| format!("peer answered {line:?}: {e}"))?;
+        match v.get("error") {
+            Some(e) => Err(format!("PyTorch peer: {}", e.as_str().unwrap_or("error"))),
+            None => Ok(v),
+        }
+    }
+
+    /// Sends one request and returns the answer.
+    pub fn request(&mut self, req: &Value) -> Result<Value, String> {
+        writeln!(self.stdin, "{req}").and_then(|()| self.stdin.flush()).map_err(|e| format!("peer: {e}"))?;
+        self.read()
+    }
+
+    /// Seconds per call of a timed request (`op` and its fields in `req`).
+    pub fn times(&mut self, mut req: Value, reps: usize) -> Result<Vec<f64>, String> {
+        req["reps"] = json!(reps);
+        let v = self.request(&req)?;
+        v["times_s"]
+            .as_array()
+            .ok_or("peer: no times")?
+            .iter()
+            .map(|x| x.as_f64().ok_or_else(|| "peer: a time is not a number".to_string()))
+            .collect()
+    }
+
+    /// Frees the peer's cached cases.
+    pub fn drop_cache(&mut self) -> Result<(), String> {
+        self.request(&json!({"op": "drop"})).map(|_| ())
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "{}", json!({"op": "quit"}));
+        let _ = self.stdin.flush();
+        let _ = self.child.wait();
+    }
+}
+
+/// A peak-RSS probe of the peer in a fresh Python process.
+pub fn probe(python: &Path, script: &Path, threads: usize, kind: &str, params: usize, dim: usize, rank: usize) -> Result<RssProbe, String> {
+    let out = peer_command(python, script, threads)
+        .args(["--rss", kind, "--params", &params.to_string(), "--dim", &dim.to_string(), "--rank", &rank.to_string()])
+        .output()
+        .map_err(|e| format!("PyTorch RSS probe {kind}: {e}"))?;
+    crate::memory::parse_last_line(&out, kind)
+}
