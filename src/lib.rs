@@ -37,3 +37,8 @@ pub use mgpo_tch as tch;
 
 #[cfg(feature = "dfdx")]
 pub use mgpo_dfdx as dfdx;
+
+/// The README's code blocks, compiled and run as doctests.
+#[cfg(all(doctest, feature = "candle"))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

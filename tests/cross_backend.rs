@@ -45,6 +45,15 @@ proptest! {
         each_backend!(f64, cpu_f64, b => agree_with_ndarray(b.0, &b.1, &reference, &case)?);
     }
 
+    /// The random-direction baseline draws the same noise on every backend.
+    #[test]
+    fn all_backends_agree_gaussian(mut case in case_strategy(), seed in any::<u64>()) {
+        case.config.space = lora_mgpo::Space::Adapter;
+        case.config.perturbation = lora_mgpo::Perturbation::Gaussian { seed };
+        let reference = NdBackend::<f64>::new();
+        each_backend!(f64, cpu_f64, b => agree_with_ndarray(b.0, &b.1, &reference, &case)?);
+    }
+
     #[test]
     fn all_backends_agree_f32(case in case_strategy()) {
         let reference = NdBackend::<f32>::new();
