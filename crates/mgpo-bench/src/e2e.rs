@@ -11,13 +11,13 @@
 //! written; this MLP stands in for it (the same shape of computation: a
 //! frozen base dominating the forward and backward pass, small adapters).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[allow(unused_imports)]
 use crate::step::{filled, Variant};
 
 /// The model's size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct E2eShape {
     pub dim: usize,
     pub rank: usize,
