@@ -306,15 +306,8 @@ impl Reduce for CandleBackend {
 }
 
 impl FusedUpdate for CandleBackend {
-    /// The random-direction baseline: the noise is drawn on the host (a
-    /// parameter-sized buffer per call: this ablation is not a hot path)
-    /// and added with [`FusedUpdate::axpy`].
     fn axpy_noise(&self, y: &mut Tensor, alpha: f64, seed: u64) -> Result<()> {
-        let shape = self.shape(y);
-        let n: usize = shape.iter().product();
-        let z: Vec<f64> = (0..n as u64).map(|i| mgpo_core::noise::gaussian(seed, i)).collect();
-        let z = self.from_f64(&shape, &z)?;
-        self.axpy(y, alpha, &z)
+        mgpo_core::noise::axpy_noise_via_host(self, y, alpha, seed)
     }
 
     fn axpy(&self, y: &mut Tensor, alpha: f64, x: &Tensor) -> Result<()> {

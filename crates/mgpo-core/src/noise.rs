@@ -31,6 +31,20 @@ pub fn sum_sq(seed: u64, n: usize) -> f64 {
     (0..n as u64).map(|i| gaussian(seed, i).powi(2)).sum()
 }
 
+/// y <- y + alpha z(seed) for backends that draw the noise on the host: a
+/// tensor-sized buffer per call, acceptable for this ablation baseline but
+/// not for a hot path (the ndarray and dfdx backends draw in place).
+pub fn axpy_noise_via_host<B>(be: &B, y: &mut B::Tensor, alpha: f64, seed: u64) -> crate::Result<()>
+where
+    B: crate::FusedUpdate + crate::HostIo,
+{
+    let shape = be.shape(y);
+    let n: usize = shape.iter().product();
+    let z: Vec<f64> = (0..n as u64).map(|i| gaussian(seed, i)).collect();
+    let z = be.from_f64(&shape, &z)?;
+    be.axpy(y, alpha, &z)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
