@@ -83,7 +83,14 @@ fn draw(spec: &SweepSpec, res: &SweepResult, task: &str, lr: f64, path: &Path) -
             .x_label_area_size(30)
             .y_label_area_size(55)
             .build_cartesian_2d(0u64..spec.steps, (lo..hi).log_scale())?;
-        chart.configure_mesh().x_desc("step").y_desc("loss").label_style(("sans-serif", 12)).y_label_formatter(&|v| format!("{v:.0e}")).draw()?;
+        chart
+            .configure_mesh()
+            .light_line_style(WHITE)
+            .x_desc("step")
+            .y_desc("loss (log scale)")
+            .label_style(("sans-serif", 12))
+            .y_label_formatter(&|v| format!("{v:.0e}"))
+            .draw()?;
         for &i in &idx {
             let c = color(res.runs[i].spec.method);
             let pts: Vec<(u64, f64)> = res.curves[i]
