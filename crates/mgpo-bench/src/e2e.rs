@@ -11,13 +11,13 @@
 //! written; this MLP stands in for it (the same shape of computation: a
 //! frozen base dominating the forward and backward pass, small adapters).
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 #[allow(unused_imports)]
 use crate::step::{filled, Variant};
 
 /// The model's size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct E2eShape {
     pub dim: usize,
     pub rank: usize,

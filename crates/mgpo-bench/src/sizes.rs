@@ -6,10 +6,10 @@
 //! 1024 below 3e6, 4096 (a 7B model's width) above; r = 8.
 
 use mgpo_core::Layout;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// `adapters` LoRA adapters with A: rank x dim and B: dim x rank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct LoraShape {
     pub dim: usize,
     pub rank: usize,
