@@ -6,10 +6,10 @@
 //! 1024 below 3e6, 4096 (a 7B model's width) above; r = 8.
 
 use mgpo_core::Layout;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// `adapters` LoRA adapters with A: rank x dim and B: dim x rank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoraShape {
     pub dim: usize,
     pub rank: usize,
