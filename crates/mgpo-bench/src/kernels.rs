@@ -20,6 +20,7 @@ const ROWS: usize = 8;
 const COLS: usize = 1024;
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn lowrank_rows<const FMA: bool>(w: &mut [f32], row0: usize, inn: usize, rank: usize, c: f32, p: &[f32], q: &[f32], r: &[f32], s: &[f32]) {
     let rows = w.len() / inn;
     let mut a = vec![0f32; 2 * rank];
@@ -141,11 +142,14 @@ pub fn adamw_block(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &A
     }
 }
 
+/// p, g, m, v of one tensor.
+pub type AdamWSlices<'a> = (&'a mut [f32], &'a [f32], &'a mut [f32], &'a mut [f32]);
+
 /// AdamW over many tensors in one parallel region: every block of every
 /// tensor is one task, so a step pays one fork-join instead of one per
 /// tensor (a LoRA model has hundreds of small tensors). Returns sum m^2 per
 /// tensor.
-pub fn adamw_batched(ts: Vec<(&mut [f32], &[f32], &mut [f32], &mut [f32])>, k: &AdamWStep) -> Vec<f64> {
+pub fn adamw_batched(ts: Vec<AdamWSlices<'_>>, k: &AdamWStep) -> Vec<f64> {
     let c = k.consts::<f32>();
     let count = ts.len();
     let mut blocks = Vec::new();

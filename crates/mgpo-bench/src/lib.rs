@@ -370,7 +370,12 @@ fn steps_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>,
         let mut items: Vec<Item> = Vec::new();
         let mut st = stream::Stream::new(shape.params());
         st.calibrate(3);
-        let mut bound = Item::new("steps", "stream", "in-place-stream", shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || Ok::<_, String>(st.pass()))));
+        let mut bound = Item::new("steps", "stream", "in-place-stream", shape.params(), shape.describe(), Box::new(move |reps| {
+            timing::sample(reps, || {
+                st.pass();
+                Ok::<_, String>(())
+            })
+        }));
         bound.bytes_per_param = Some(stream::BYTES_PER_PARAM);
         items.push(bound);
         let variants: Vec<Variant> = Variant::ALL.into_iter().filter(|v| !v.with_w0() || shape.params() <= opts.w0_max_params).collect();

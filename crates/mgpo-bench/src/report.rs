@@ -25,7 +25,10 @@ fn target(name: String, value: f64, op: &str, threshold: f64, detail: String) ->
 }
 
 fn find<'a>(r: &'a Report, section: &str, backend: &str, variant: &str, params: Option<usize>) -> Option<&'a Row> {
-    r.rows.iter().find(|x| x.section == section && x.backend == backend && x.variant == variant && params.map_or(true, |p| x.params == p))
+    r.rows.iter().find(|x| x.section == section && x.backend == backend && x.variant == variant && match params {
+        Some(p) => x.params == p,
+        None => true,
+    })
 }
 
 /// The targets of issue 7 that this report has the measurements for.

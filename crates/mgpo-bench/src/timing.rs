@@ -17,7 +17,7 @@ pub fn sample<E>(reps: usize, mut f: impl FnMut() -> Result<(), E>) -> Result<Ve
 
 /// How many calls of about `one_call` seconds fill `budget` seconds, in [lo, hi].
 pub fn reps_for(one_call: f64, budget: f64, lo: usize, hi: usize) -> usize {
-    if !(one_call > 0.0) {
+    if one_call.is_nan() || one_call <= 0.0 {
         return hi;
     }
     ((budget / one_call).round() as usize).clamp(lo, hi)
