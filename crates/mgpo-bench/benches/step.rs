@@ -12,8 +12,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use mgpo_bench::sizes::{label, LoraShape};
 use mgpo_bench::step::{StepBench, Variant};
 use mgpo_bench::stream::Stream;
-use mgpo_bench::proto::ProtoNd;
-use mgpo_bench::weight::{Materialised, RankDecomposed};
+use mgpo_bench::weight::{FusedPrototype, Materialised, RankDecomposed};
 use mgpo_core::{HostIo, TensorOps};
 
 fn sizes() -> Vec<usize> {
@@ -51,7 +50,6 @@ fn steps(c: &mut Criterion) {
         g.finish();
     }
     backend_steps(c, "ndarray", mgpo_ndarray::NdBackend::<f32>::new);
-    backend_steps(c, "prototype", ProtoNd::new);
     #[cfg(feature = "candle")]
     backend_steps(c, "candle", mgpo_candle::cpu_f32);
     #[cfg(feature = "tch")]
@@ -67,7 +65,7 @@ fn weight(c: &mut Criterion) {
     let mut ours = RankDecomposed::new(mgpo_ndarray::NdBackend::<f32>::new(), d, d, r).expect("setup");
     g.bench_function("ndarray/rank-decomposed-in-place", |b| b.iter(|| ours.in_place().expect("in place")));
     g.bench_function("ndarray/rank-decomposed-norms", |b| b.iter(|| ours.norms().expect("norms")));
-    let mut fused = RankDecomposed::new(ProtoNd::new(), d, d, r).expect("setup");
+    let mut fused = FusedPrototype::new(d, d, r).expect("setup");
     g.bench_function("prototype/rank-decomposed-in-place", |b| b.iter(|| fused.in_place().expect("in place")));
     let mut mat = Materialised::new(d, d, r);
     g.bench_function("ndarray/materialised-authors", |b| b.iter(|| mat.step().expect("step")));

@@ -24,7 +24,6 @@ pub mod e2e;
 pub mod kernels;
 pub mod memory;
 pub mod peer;
-pub mod proto;
 pub mod sizes;
 pub mod step;
 pub mod stream;
@@ -38,10 +37,10 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use mgpo_core::{HostIo, TensorOps};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::json;
 
-pub use report::{print_markdown, print_report, Target};
+pub use report::{print_report, Target};
 use sizes::LoraShape;
 use step::{StepBench, Variant};
 use timing::Stats;
@@ -100,9 +99,6 @@ pub struct Options {
     pub probe_cmd: Option<Vec<OsString>>,
     /// Progress lines on stderr.
     pub verbose: bool,
-    /// Also measure `prototype` ([`proto::ProtoNd`]: ndarray with the
-    /// kernels proposed for mgpo-ndarray) wherever ndarray is measured.
-    pub prototype: bool,
 }
 
 impl Default for Options {
@@ -125,13 +121,12 @@ impl Default for Options {
             memory: true,
             probe_cmd: None,
             verbose: true,
-            prototype: true,
         }
     }
 }
 
 /// The machine and the conditions of the run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Machine {
     pub cpu: String,
     pub logical_cpus: usize,
@@ -159,7 +154,7 @@ pub fn load_average() -> Vec<f64> {
 }
 
 /// One measured item.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Row {
     /// `steps`, `weight`, `e2e`.
     pub section: String,
@@ -185,7 +180,7 @@ pub struct Row {
 }
 
 /// Optimizer state of each variant (ndarray, f32).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct StateRow {
     pub variant: String,
     #[serde(flatten)]
@@ -193,7 +188,7 @@ pub struct StateRow {
 }
 
 /// A peak-RSS probe.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RssRow {
     pub side: String,
     #[serde(flatten)]
@@ -203,7 +198,7 @@ pub struct RssRow {
 }
 
 /// Everything a run measured.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub machine: Machine,
     pub rounds: usize,
@@ -253,7 +248,7 @@ fn alternate(opts: &Options, items: &mut Vec<Item>, notes: &mut Vec<String>) {
     let mut failed = Vec::new();
     for (i, it) in items.iter_mut().enumerate() {
         match (it.run)(1) {
-            Ok(t) => it.reps = timing::reps_for(t.first().copied().unwrap_or(0.0), opts.budget_s, 1, 5000),
+            Ok(t) => it.reps = timing::reps_for(t.first().copied().unwrap_or(0.0), opts.budget_s, 3, 5000),
             Err(e) => {
                 notes.push(format!("{}: {e}", it.name()));
                 failed.push(i);
@@ -329,10 +324,6 @@ macro_rules! with_backend {
                 let $be = mgpo_ndarray::NdBackend::<f32>::new;
                 $body
             }
-            "prototype" => {
-                let $be = proto::ProtoNd::new;
-                $body
-            }
             #[cfg(feature = "candle")]
             "candle" => {
                 let $be = mgpo_candle::cpu_f32;
@@ -370,12 +361,7 @@ fn steps_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>,
         let mut items: Vec<Item> = Vec::new();
         let mut st = stream::Stream::new(shape.params());
         st.calibrate(3);
-        let mut bound = Item::new("steps", "stream", "in-place-stream", shape.params(), shape.describe(), Box::new(move |reps| {
-            timing::sample(reps, || {
-                st.pass();
-                Ok::<_, String>(())
-            })
-        }));
+        let mut bound = Item::new("steps", "stream", "in-place-stream", shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || Ok::<_, String>(st.pass()))));
         bound.bytes_per_param = Some(stream::BYTES_PER_PARAM);
         items.push(bound);
         let variants: Vec<Variant> = Variant::ALL.into_iter().filter(|v| !v.with_w0() || shape.params() <= opts.w0_max_params).collect();
@@ -391,9 +377,9 @@ fn steps_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>,
         // The AdamW kernel alone, as mgpo-ndarray compiles it and dispatched
         // to the widest vector ISA, over the same tensors.
         if opts.backends.iter().any(|b| b == "ndarray") {
-            for (backend, variant, mode) in [("ndarray", "adamw-kernel", 0), ("prototype", "adamw-kernel", 1), ("prototype", "adamw-kernel-batched", 2)] {
+            for (backend, dispatch) in [("ndarray", false), ("prototype", true)] {
                 let mut k = KernelBench::new(shape)?;
-                let mut it = Item::new("steps", backend, variant, shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || k.run(mode))));
+                let mut it = Item::new("steps", backend, "adamw-kernel", shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || k.run(dispatch))));
                 it.bytes_per_param = Some(28.0);
                 items.push(it);
             }
@@ -440,26 +426,12 @@ impl KernelBench {
         Ok(KernelBench { p: t.params, g: t.grads, m, v })
     }
 
-    /// mode 0: mgpo-ndarray's `adamw` per tensor; 1: the dispatched kernel
-    /// per tensor; 2: the dispatched kernel over all tensors in one
-    /// parallel region.
-    fn run(&mut self, mode: u8) -> Result<(), String> {
+    fn run(&mut self, dispatch: bool) -> Result<(), String> {
         use mgpo_core::FusedUpdate;
         let k = mgpo_core::AdamWStep { unperturb: 0.0, decay: 1.0, grad_scale: 1.0, beta1: 0.9, beta2: 0.999, step_size: 1e-4, bias2_sqrt: 0.5, eps: 1e-8 };
         let be = mgpo_ndarray::NdBackend::<f32>::new();
-        if mode == 2 {
-            let mut ts = Vec::with_capacity(self.p.len());
-            for (((p, g), m), v) in self.p.iter_mut().zip(&self.g).zip(&mut self.m).zip(&mut self.v) {
-                match (p.as_slice_mut(), g.as_slice(), m.as_slice_mut(), v.as_slice_mut()) {
-                    (Some(p), Some(g), Some(m), Some(v)) => ts.push((p, g, m, v)),
-                    _ => return Err("non-contiguous tensor".into()),
-                }
-            }
-            std::hint::black_box(kernels::adamw_batched(ts, &k));
-            return Ok(());
-        }
         for (((p, g), m), v) in self.p.iter_mut().zip(&self.g).zip(&mut self.m).zip(&mut self.v) {
-            if mode == 1 {
+            if dispatch {
                 let (p, g, m, v) = (p.as_slice_mut(), g.as_slice(), m.as_slice_mut(), v.as_slice_mut());
                 match (p, g, m, v) {
                     (Some(p), Some(g), Some(m), Some(v)) => {
@@ -492,6 +464,8 @@ fn weight_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>
             })?;
         }
         if opts.backends.iter().any(|b| b == "ndarray") {
+            let mut fused = weight::FusedPrototype::new(d, d, r)?;
+            items.push(Item::new("weight", "prototype", "rank-decomposed-in-place", n, shape.clone(), Box::new(move |reps| timing::sample(reps, || fused.in_place()))));
             let mut mat = weight::Materialised::new(d, d, r);
             items.push(Item::new("weight", "ndarray", "materialised-authors", n, shape.clone(), Box::new(move |reps| timing::sample(reps, || mat.step()))));
             let mat2 = weight::Materialised::new(d, d, r);
@@ -545,25 +519,13 @@ fn e2e_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>, n
     if items.is_empty() {
         notes.push("e2e: needs the candle or tch backend (features `candle`, `tch`)".into());
     }
-    for b in e2e::demo::backends() {
-        if !opts.backends.iter().any(|x| x == b) {
-            continue;
-        }
-        for v in e2e::VARIANTS {
-            let mut m = e2e::demo::Demo::new(b, v)?;
-            items.push(Item::new("e2e-demo", b, v.name(), e2e::demo::params(), e2e::demo::describe(), Box::new(move |reps| timing::sample(reps, || m.step()))));
-        }
-    }
     if let Some(p) = peer {
         for v in ["adamw-fused", "mgpo-adapter", "mgpo-weight-w0"] {
             let req = json!({"op": "e2e", "variant": v, "dim": s.dim, "rank": s.rank, "layers": s.layers, "tokens": s.tokens});
             items.push(peer_item(p, "e2e", v, s.params(), s.describe(), req));
         }
     }
-    // A training step takes far longer than an optimizer step: four times
-    // the budget, so each round has several calls per item.
-    let long = Options { budget_s: 4.0 * opts.budget_s, ..opts.clone() };
-    alternate(&long, &mut items, notes);
+    alternate(opts, &mut items, notes);
     rows.extend(rows_of(&items));
     drop(items);
     if let Some(p) = peer {
@@ -584,7 +546,7 @@ fn memory_section(opts: &Options, peer_ok: bool, threads: usize, rss: &mut Vec<R
         for k in ["step:none", "step:adamw", "step:mgpo-adapter", "step:mgpo-weight"] {
             push("ours", memory::probe_child(cmd, k, n, d, r));
         }
-        for k in ["weight:none", "weight:ours", "weight:prototype", "weight:materialised"] {
+        for k in ["weight:none", "weight:ours", "weight:fused", "weight:materialised"] {
             push("ours", memory::probe_child(cmd, k, n, d, r));
         }
     } else {
@@ -603,7 +565,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     let load_before = load_average();
     let mut notes = Vec::new();
     for b in &opts.backends {
-        if b != "prototype" && !compiled_backends().contains(&b.as_str()) {
+        if !compiled_backends().contains(&b.as_str()) {
             return Err(format!("backend {b:?} is not compiled in (compiled: {})", compiled_backends().join(", ")));
         }
     }
@@ -619,11 +581,6 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         },
     };
     let peer_info = peer.as_ref().map(|p| p.borrow().info.clone());
-    let mut opts = opts.clone();
-    if opts.prototype && opts.backends.iter().any(|b| b == "ndarray") && !opts.backends.iter().any(|b| b == "prototype") {
-        opts.backends.push("prototype".into());
-    }
-    let opts = &opts;
     let (mut rows, mut state, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     if opts.steps {
         steps_section(opts, peer.as_ref(), &mut rows, &mut state, &mut notes)?;
