@@ -20,7 +20,7 @@ use crate::error::{MgpoError, Result};
 use crate::layout::Layout;
 use crate::lowrank::sum_of_products_sq;
 use crate::noise;
-use crate::ops::{AdamWStep, TensorOps};
+use crate::ops::{AdamWItem, AdamWStep, AxpyItem, TensorOps};
 use crate::slots::{GradSlots, Slots};
 
 /// AdamW's moments of one trainable tensor.
@@ -194,12 +194,10 @@ impl<B: TensorOps> Mgpo<B> {
         };
         let be = &self.backend;
 
-        let mut sq = Vec::with_capacity(grads.len());
+        let sq = be.sum_sq_many(&grads)?;
         let mut finite = true;
-        for g in &grads {
-            let s = be.sum_sq(g)?;
+        for (g, s) in grads.iter().zip(&sq) {
             finite &= s.is_finite() || be.all_finite(g)?;
-            sq.push(s);
         }
         if !finite {
             self.unperturb(params, frozen)?;
@@ -237,7 +235,7 @@ impl<B: TensorOps> Mgpo<B> {
 
         let t = self.state.step + 1;
         let a = self.config.adamw;
-        let mut k = AdamWStep {
+        let k = AdamWStep {
             unperturb: 0.0,
             decay: 1.0 - a.lr * a.weight_decay,
             grad_scale: clip,
@@ -247,14 +245,26 @@ impl<B: TensorOps> Mgpo<B> {
             bias2_sqrt: (1.0 - a.beta2.powf(t as f64)).sqrt(),
             eps: a.eps,
         };
-        for (i, g) in grads.iter().enumerate() {
-            k.unperturb = match (&applied, self.group_of[i], fused_removal) {
-                (Some(ap), Some(gi), true) => ap.coef[gi],
-                _ => 0.0,
-            };
-            let Moments { m, v } = &mut self.state.moments[i];
-            self.m_sq[i] = self.backend.adamw(params.slot_mut(i), g, m, v, &k)?;
+        let mut items: Vec<AdamWItem<'_, B::Tensor>> = params
+            .slots_mut()
+            .into_iter()
+            .zip(&grads)
+            .zip(&mut self.state.moments)
+            .zip(&self.group_of)
+            .map(|(((p, g), Moments { m, v }), gi)| {
+                let unperturb = match (&applied, gi, fused_removal) {
+                    (Some(ap), Some(gi), true) => ap.coef[*gi],
+                    _ => 0.0,
+                };
+                AdamWItem { p, g, m, v, k: AdamWStep { unperturb, ..k } }
+            })
+            .collect();
+        let m_sq = self.backend.adamw_many(&mut items)?;
+        drop(items);
+        if m_sq.len() != self.m_sq.len() {
+            return Err(MgpoError::Backend(format!("adamw_many returned {} sums for {} tensors", m_sq.len(), self.m_sq.len())));
         }
+        self.m_sq = m_sq;
         self.state.step = t;
         Ok(self.report(applied.as_ref(), false, &group_norms, total, clip))
     }
@@ -458,19 +468,26 @@ impl<B: TensorOps> Mgpo<B> {
 
     /// theta <- theta + sign * c_g d in adapter space, d = m or the step's noise.
     fn move_adapter_params<P: Slots<B::Tensor> + ?Sized>(&self, params: &mut P, ap: &Applied, sign: f64) -> Result<()> {
-        for (t, g) in self.group_of.iter().enumerate() {
-            let c = sign * g.map_or(0.0, |g| ap.coef[g]);
-            if c == 0.0 {
-                continue;
+        let coef = |t: usize| sign * self.group_of[t].map_or(0.0, |g| ap.coef[g]);
+        match self.config.perturbation {
+            Perturbation::Momentum => {
+                let mut items: Vec<AxpyItem<'_, B::Tensor>> = params
+                    .slots_mut()
+                    .into_iter()
+                    .zip(&self.state.moments)
+                    .enumerate()
+                    .filter(|&(t, _)| coef(t) != 0.0)
+                    .map(|(t, (y, mv))| AxpyItem { y, alpha: coef(t), x: &mv.m })
+                    .collect();
+                self.backend.axpy_many(&mut items)
             }
-            match self.config.perturbation {
-                Perturbation::Momentum => self.backend.axpy(params.slot_mut(t), c, &self.state.moments[t].m)?,
-                Perturbation::Gaussian { seed } => {
-                    self.backend.axpy_noise(params.slot_mut(t), c, noise::tensor_seed(seed, self.state.step + 1, t))?
+            Perturbation::Gaussian { seed } => {
+                for t in (0..self.group_of.len()).filter(|&t| coef(t) != 0.0) {
+                    self.backend.axpy_noise(params.slot_mut(t), coef(t), noise::tensor_seed(seed, self.state.step + 1, t))?;
                 }
+                Ok(())
             }
         }
-        Ok(())
     }
 
     fn report(&self, applied: Option<&Applied>, skipped: bool, grad_norms: &[f64], total: f64, clip: f64) -> StepReport {

@@ -27,6 +27,14 @@ pub trait Reduce: Tensors {
     /// Whether every entry is finite. Only asked when [`Reduce::sum_sq`]
     /// came out non-finite, which can also be an overflow of finite values.
     fn all_finite(&self, t: &Self::Tensor) -> Result<bool>;
+
+    /// [`Reduce::sum_sq`] of many tensors at once, each result bit-identical
+    /// to `sum_sq` of that tensor alone. A step calls this once, so a
+    /// backend can cover a model's hundreds of small tensors in one parallel
+    /// region instead of one per tensor.
+    fn sum_sq_many(&self, ts: &[&Self::Tensor]) -> Result<Vec<f64>> {
+        ts.iter().map(|t| self.sum_sq(t)).collect()
+    }
 }
 
 /// The element-wise updates of a step, each one fused pass over memory.
@@ -54,6 +62,35 @@ pub trait FusedUpdate: Tensors {
         v: &mut Self::Tensor,
         k: &AdamWStep,
     ) -> Result<f64>;
+
+    /// [`FusedUpdate::axpy`] over many tensors at once (one parallel region
+    /// per step rather than one per tensor); the same bits as one by one.
+    fn axpy_many(&self, items: &mut [AxpyItem<'_, Self::Tensor>]) -> Result<()> {
+        items.iter_mut().try_for_each(|it| self.axpy(it.y, it.alpha, it.x))
+    }
+
+    /// [`FusedUpdate::adamw`] over many tensors at once, returning sum m^2
+    /// per item, each bit-identical to `adamw` of that item alone. Backends
+    /// check every item's shapes before updating any.
+    fn adamw_many(&self, items: &mut [AdamWItem<'_, Self::Tensor>]) -> Result<Vec<f64>> {
+        items.iter_mut().map(|it| self.adamw(it.p, it.g, it.m, it.v, &it.k)).collect()
+    }
+}
+
+/// One tensor of [`FusedUpdate::axpy_many`]: y <- y + alpha x.
+pub struct AxpyItem<'a, T> {
+    pub y: &'a mut T,
+    pub alpha: f64,
+    pub x: &'a T,
+}
+
+/// One tensor of [`FusedUpdate::adamw_many`].
+pub struct AdamWItem<'a, T> {
+    pub p: &'a mut T,
+    pub g: &'a T,
+    pub m: &'a mut T,
+    pub v: &'a mut T,
+    pub k: AdamWStep,
 }
 
 /// The small matrix products of a rank-decomposed adapter (A is r x in,

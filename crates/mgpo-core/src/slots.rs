@@ -7,6 +7,8 @@ pub trait Slots<T> {
     fn count(&self) -> usize;
     fn slot(&self, i: usize) -> &T;
     fn slot_mut(&mut self, i: usize) -> &mut T;
+    /// Every slot at once, in order (for the batched updates of a step).
+    fn slots_mut(&mut self) -> Vec<&mut T>;
 }
 
 impl<T> Slots<T> for [T] {
@@ -18,6 +20,9 @@ impl<T> Slots<T> for [T] {
     }
     fn slot_mut(&mut self, i: usize) -> &mut T {
         &mut self[i]
+    }
+    fn slots_mut(&mut self) -> Vec<&mut T> {
+        self.iter_mut().collect()
     }
 }
 
@@ -31,6 +36,9 @@ impl<T> Slots<T> for Vec<T> {
     fn slot_mut(&mut self, i: usize) -> &mut T {
         &mut self[i]
     }
+    fn slots_mut(&mut self) -> Vec<&mut T> {
+        self.iter_mut().collect()
+    }
 }
 
 impl<T> Slots<T> for [&mut T] {
@@ -43,6 +51,9 @@ impl<T> Slots<T> for [&mut T] {
     fn slot_mut(&mut self, i: usize) -> &mut T {
         self[i]
     }
+    fn slots_mut(&mut self) -> Vec<&mut T> {
+        self.iter_mut().map(|t| &mut **t).collect()
+    }
 }
 
 impl<T> Slots<T> for Vec<&mut T> {
@@ -54,6 +65,9 @@ impl<T> Slots<T> for Vec<&mut T> {
     }
     fn slot_mut(&mut self, i: usize) -> &mut T {
         self[i]
+    }
+    fn slots_mut(&mut self) -> Vec<&mut T> {
+        self.iter_mut().map(|t| &mut **t).collect()
     }
 }
 
@@ -131,5 +145,8 @@ impl<T> Slots<T> for NoFrozen {
     }
     fn slot_mut(&mut self, i: usize) -> &mut T {
         unreachable!("NoFrozen has no slot {i}: the optimizer checks counts first")
+    }
+    fn slots_mut(&mut self) -> Vec<&mut T> {
+        Vec::new()
     }
 }

@@ -10,7 +10,11 @@
 use std::marker::PhantomData;
 
 use mgpo_core::noise::gaussian;
-use mgpo_core::{adamw_element, AdamWConsts, AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
+mod kernels;
+
+pub use kernels::{isa, Isa};
+use kernels::{block_adamw, block_axpy, block_sum_sq, BLOCK};
+use mgpo_core::{adamw_element, AdamWItem, AdamWStep, AxpyItem, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
 use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, Ix2, IxDyn, Zip};
 use rayon::prelude::*;
 use num_traits::Float;
@@ -64,46 +68,9 @@ fn same_shape<F>(a: &ArrayD<F>, b: &ArrayD<F>) -> Result<()> {
     }
 }
 
+#[inline(always)]
 fn f64_of<F: Element>(x: F) -> f64 {
     x.to_f64().unwrap_or(f64::NAN)
-}
-
-/// Reductions and fused updates work on fixed blocks of this many elements:
-/// blocks run in parallel, but each block's sum is taken in the same order
-/// and block sums are added in index order, so results are bit-identical
-/// whatever the thread count or the parallel threshold.
-const BLOCK: usize = 1 << 13;
-
-/// Lanes of independent partial sums inside a block (lets the compiler
-/// vectorise; combined in a fixed order).
-const LANES: usize = 8;
-
-fn sq<F: Element>(x: F) -> f64 {
-    let x = f64_of(x);
-    x * x
-}
-
-/// sum x^2 over one block, in a fixed order.
-fn block_sum_sq<F: Element>(x: &[F]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut it = x.chunks_exact(LANES);
-    for c in &mut it {
-        for (a, &v) in acc.iter_mut().zip(c) {
-            *a += sq(v);
-        }
-    }
-    for (a, &v) in acc.iter_mut().zip(it.remainder()) {
-        *a += sq(v);
-    }
-    acc.iter().sum()
-}
-
-/// The fused AdamW pass over one block; returns sum m^2 of the block.
-fn block_adamw<F: Element>(p: &mut [F], g: &[F], m: &mut [F], v: &mut [F], c: &AdamWConsts<F>) -> f64 {
-    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        adamw_element(p, g, m, v, c);
-    }
-    block_sum_sq(m)
 }
 
 impl<F: Element> NdBackend<F> {
@@ -111,17 +78,32 @@ impl<F: Element> NdBackend<F> {
         len >= self.par_threshold
     }
 
-    /// sum over blocks of `f(block index range)`, in block order.
-    fn sum_blocks(&self, len: usize, f: impl Fn(std::ops::Range<usize>) -> f64 + Sync + Send) -> f64 {
-        let n = len.div_ceil(BLOCK);
-        let range = |b: usize| b * BLOCK..((b + 1) * BLOCK).min(len);
+    /// `f` over the blocks of a call (`len` elements in all) in one parallel
+    /// region, or serially below the threshold; results in block order.
+    fn run_blocks<T: Send, R: Send>(&self, len: usize, blocks: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
         if self.parallel(len) {
-            let parts: Vec<f64> = (0..n).into_par_iter().map(|b| f(range(b))).collect();
-            parts.iter().sum()
+            blocks.into_par_iter().map(f).collect()
         } else {
-            (0..n).map(|b| f(range(b))).sum()
+            blocks.into_iter().map(f).collect()
         }
     }
+}
+
+/// Per-tensor sums of block sums laid out tensor after tensor (`lens`
+/// elements each), each added in block order.
+fn sums_per_tensor(lens: impl Iterator<Item = usize>, parts: &[f64]) -> Vec<f64> {
+    let mut at = 0;
+    lens.map(|len| {
+        let n = len.div_ceil(BLOCK);
+        let s = parts[at..at + n].iter().sum();
+        at += n;
+        s
+    })
+    .collect()
+}
+
+fn sum_sq_iter<'a, F: Element>(t: impl Iterator<Item = &'a F>) -> f64 {
+    t.map(|&x| f64_of(x) * f64_of(x)).sum()
 }
 
 impl<F: Element> Tensors for NdBackend<F> {
@@ -138,28 +120,34 @@ impl<F: Element> Tensors for NdBackend<F> {
 
 impl<F: Element> Reduce for NdBackend<F> {
     fn sum_sq(&self, t: &ArrayD<F>) -> Result<f64> {
-        Ok(match t.as_slice_memory_order() {
-            Some(x) => self.sum_blocks(x.len(), |r| block_sum_sq(&x[r])),
-            None => t.iter().map(|&x| sq(x)).sum(),
-        })
+        Ok(self.sum_sq_many(&[t])?.pop().unwrap_or(f64::NAN))
     }
 
     fn all_finite(&self, t: &ArrayD<F>) -> Result<bool> {
         Ok(t.iter().all(|x| x.is_finite()))
     }
+
+    /// Every block of every tensor is one task of a single parallel region.
+    fn sum_sq_many(&self, ts: &[&ArrayD<F>]) -> Result<Vec<f64>> {
+        let slices: Vec<Option<&[F]>> = ts.iter().map(|t| t.as_slice_memory_order()).collect();
+        let flat = || slices.iter().flatten();
+        let blocks: Vec<&[F]> = flat().flat_map(|x| x.chunks(BLOCK)).collect();
+        let parts = self.run_blocks(flat().map(|x| x.len()).sum(), blocks, block_sum_sq);
+        let mut sums = sums_per_tensor(flat().map(|x| x.len()), &parts).into_iter();
+        Ok(ts
+            .iter()
+            .zip(&slices)
+            .map(|(t, s)| match s {
+                Some(_) => sums.next().unwrap_or(f64::NAN),
+                None => sum_sq_iter(t.iter()),
+            })
+            .collect())
+    }
 }
 
 impl<F: Element> FusedUpdate for NdBackend<F> {
     fn axpy(&self, y: &mut ArrayD<F>, alpha: f64, x: &ArrayD<F>) -> Result<()> {
-        same_shape(y, x)?;
-        let a = F::from(alpha).unwrap_or_else(F::nan);
-        let z = Zip::from(y).and(x);
-        if self.parallel(x.len()) {
-            z.par_for_each(|y, &x| *y = *y + a * x);
-        } else {
-            z.for_each(|y, &x| *y = *y + a * x);
-        }
-        Ok(())
+        self.axpy_many(&mut [AxpyItem { y, alpha, x }])
     }
 
     fn axpy_noise(&self, y: &mut ArrayD<F>, alpha: f64, seed: u64) -> Result<()> {
@@ -175,73 +163,88 @@ impl<F: Element> FusedUpdate for NdBackend<F> {
     }
 
     fn adamw(&self, p: &mut ArrayD<F>, g: &ArrayD<F>, m: &mut ArrayD<F>, v: &mut ArrayD<F>, k: &AdamWStep) -> Result<f64> {
-        for t in [&*g, &*m, &*v] {
-            same_shape(p, t)?;
+        Ok(self.adamw_many(&mut [AdamWItem { p, g, m, v, k: *k }])?.pop().unwrap_or(f64::NAN))
+    }
+
+    /// Every block of every tensor is one task of a single parallel region.
+    fn axpy_many(&self, items: &mut [AxpyItem<'_, ArrayD<F>>]) -> Result<()> {
+        for it in items.iter() {
+            same_shape(it.y, it.x)?;
         }
-        let c = k.consts::<F>();
-        let standard = [p.is_standard_layout(), g.is_standard_layout(), m.is_standard_layout(), v.is_standard_layout()];
-        if standard.contains(&false) {
-            Zip::from(&mut *p).and(g).and(&mut *m).and(&mut *v).for_each(|p, &g, m, v| adamw_element(p, g, m, v, &c));
-            return self.sum_sq(m);
+        let (mut len, mut blocks) = (0, Vec::new());
+        for it in items.iter_mut() {
+            let a = F::from(it.alpha).unwrap_or_else(F::nan);
+            if !(it.y.is_standard_layout() && it.x.is_standard_layout()) {
+                Zip::from(&mut *it.y).and(it.x).for_each(|y, &x| *y = *y + a * x);
+                continue;
+            }
+            let (Some(ys), Some(xs)) = (it.y.as_slice_mut(), it.x.as_slice()) else { continue };
+            len += ys.len();
+            blocks.extend(ys.chunks_mut(BLOCK).zip(xs.chunks(BLOCK)).map(|(y, x)| (y, x, a)));
         }
-        let ps = p.as_slice_mut().expect("standard layout");
-        let gs = g.as_slice().expect("standard layout");
-        let ms = m.as_slice_mut().expect("standard layout");
-        let vs = v.as_slice_mut().expect("standard layout");
-        let len = ps.len();
-        if self.parallel(len) {
-            let parts: Vec<f64> = ps
-                .par_chunks_mut(BLOCK)
-                .zip(gs.par_chunks(BLOCK))
-                .zip(ms.par_chunks_mut(BLOCK))
-                .zip(vs.par_chunks_mut(BLOCK))
-                .map(|(((p, g), m), v)| block_adamw(p, g, m, v, &c))
-                .collect();
-            Ok(parts.iter().sum())
-        } else {
-            Ok(ps
-                .chunks_mut(BLOCK)
-                .zip(gs.chunks(BLOCK))
-                .zip(ms.chunks_mut(BLOCK))
-                .zip(vs.chunks_mut(BLOCK))
-                .map(|(((p, g), m), v)| block_adamw(p, g, m, v, &c))
-                .sum())
+        self.run_blocks(len, blocks, |(y, x, a)| block_axpy(y, a, x));
+        Ok(())
+    }
+
+    /// Every block of every tensor is one task of a single parallel region;
+    /// the sums of m^2 are added per tensor in block order, so each result
+    /// has the bits of the tensor's own pass.
+    fn adamw_many(&self, items: &mut [AdamWItem<'_, ArrayD<F>>]) -> Result<Vec<f64>> {
+        for it in items.iter() {
+            for t in [it.g, &*it.m, &*it.v] {
+                same_shape(it.p, t)?;
+            }
         }
+        let mut out = vec![f64::NAN; items.len()];
+        let (mut lens, mut blocks) = (Vec::new(), Vec::new());
+        for (i, it) in items.iter_mut().enumerate() {
+            let c = it.k.consts::<F>();
+            let standard = [it.p.is_standard_layout(), it.g.is_standard_layout(), it.m.is_standard_layout(), it.v.is_standard_layout()];
+            if standard.contains(&false) {
+                Zip::from(&mut *it.p).and(it.g).and(&mut *it.m).and(&mut *it.v).for_each(|p, &g, m, v| adamw_element(p, g, m, v, &c));
+                out[i] = sum_sq_iter(it.m.iter());
+                continue;
+            }
+            let (Some(ps), Some(gs), Some(ms), Some(vs)) = (it.p.as_slice_mut(), it.g.as_slice(), it.m.as_slice_mut(), it.v.as_slice_mut()) else {
+                continue;
+            };
+            lens.push((i, ps.len()));
+            let chunks = ps.chunks_mut(BLOCK).zip(gs.chunks(BLOCK)).zip(ms.chunks_mut(BLOCK)).zip(vs.chunks_mut(BLOCK));
+            blocks.extend(chunks.map(|(((p, g), m), v)| (p, g, m, v, c)));
+        }
+        let parts = self.run_blocks(lens.iter().map(|l| l.1).sum(), blocks, |(p, g, m, v, c)| block_adamw(p, g, m, v, &c));
+        for (&(i, _), s) in lens.iter().zip(sums_per_tensor(lens.iter().map(|l| l.1), &parts)) {
+            out[i] = s;
+        }
+        Ok(out)
     }
 }
 
 impl<F: Element> LowRank for NdBackend<F> {
     fn gram_cols(&self, x: &ArrayD<F>, y: &ArrayD<F>) -> Result<Vec<f64>> {
-        let (x, y) = (matrix(x, "gram_cols X")?, matrix(y, "gram_cols Y")?);
-        if x.dim() != y.dim() {
-            return Err(MgpoError::Backend(format!("gram_cols: {:?} vs {:?}", x.dim(), y.dim())));
+        let (xm, ym) = (matrix(x, "gram_cols X")?, matrix(y, "gram_cols Y")?);
+        if xm.dim() != ym.dim() {
+            return Err(MgpoError::Backend(format!("gram_cols: {:?} vs {:?}", xm.dim(), ym.dim())));
         }
-        let r = x.ncols();
-        let mut out = vec![0.0f64; r * r];
-        for (xr, yr) in x.rows().into_iter().zip(y.rows()) {
-            for (i, &xi) in xr.iter().enumerate() {
-                let xi = f64_of(xi);
-                for (o, &yj) in out[i * r..(i + 1) * r].iter_mut().zip(yr.iter()) {
-                    *o += xi * f64_of(yj);
-                }
-            }
-        }
-        Ok(out)
+        let r = xm.ncols();
+        let (xs, ys) = (xm.as_standard_layout(), ym.as_standard_layout());
+        let (Some(xs), Some(ys)) = (xs.as_slice(), ys.as_slice()) else {
+            return Err(MgpoError::Backend("gram_cols: not contiguous".into()));
+        };
+        Ok(kernels::gram_cols(xs, ys, r, std::ptr::eq(x, y)))
     }
 
     fn gram_rows(&self, x: &ArrayD<F>, y: &ArrayD<F>) -> Result<Vec<f64>> {
-        let (x, y) = (matrix(x, "gram_rows X")?, matrix(y, "gram_rows Y")?);
-        if x.dim() != y.dim() {
-            return Err(MgpoError::Backend(format!("gram_rows: {:?} vs {:?}", x.dim(), y.dim())));
+        let (xm, ym) = (matrix(x, "gram_rows X")?, matrix(y, "gram_rows Y")?);
+        if xm.dim() != ym.dim() {
+            return Err(MgpoError::Backend(format!("gram_rows: {:?} vs {:?}", xm.dim(), ym.dim())));
         }
-        let r = x.nrows();
-        let mut out = vec![0.0f64; r * r];
-        for (i, xr) in x.rows().into_iter().enumerate() {
-            for (j, yr) in y.rows().into_iter().enumerate() {
-                out[i * r + j] = xr.iter().zip(yr.iter()).map(|(&a, &b)| f64_of(a) * f64_of(b)).sum();
-            }
-        }
-        Ok(out)
+        let r = xm.nrows();
+        let (xs, ys) = (xm.as_standard_layout(), ym.as_standard_layout());
+        let (Some(xs), Some(ys)) = (xs.as_slice(), ys.as_slice()) else {
+            return Err(MgpoError::Backend("gram_rows: not contiguous".into()));
+        };
+        Ok(kernels::gram_rows(xs, ys, r, std::ptr::eq(x, y)))
     }
 
     fn add_low_rank(&self, w: &mut ArrayD<F>, c: f64, p: &ArrayD<F>, q: &ArrayD<F>, r: &ArrayD<F>, s: &ArrayD<F>) -> Result<()> {
@@ -303,6 +306,56 @@ mod tests {
             out.push((p, m, v, msq.to_bits(), be.sum_sq(&g).unwrap().to_bits()));
         }
         assert!(out[0] == out[1]);
+    }
+
+    /// One batched call over tensors of many sizes (and one transposed)
+    /// gives each tensor the bits of its own call, serial or parallel.
+    #[test]
+    fn batched_calls_match_one_by_one() {
+        let sizes = [0usize, 1, 7, BLOCK - 1, BLOCK, 3 * BLOCK + 5, 100];
+        let k = AdamWStep { unperturb: 0.02, decay: 0.999, grad_scale: 0.9, beta1: 0.9, beta2: 0.999, step_size: 1e-3, bias2_sqrt: 0.05, eps: 1e-8 };
+        let make = |seed: u32| -> Vec<ArrayD<f32>> {
+            let mut ts: Vec<ArrayD<f32>> = sizes.iter().enumerate().map(|(i, &n)| filled(n, seed + 10 * i as u32)).collect();
+            ts.push(filled(12, seed + 99).into_shape_with_order(IxDyn(&[3, 4])).unwrap().reversed_axes());
+            ts
+        };
+        for be in [NdBackend::<f32>::with_par_threshold(1), NdBackend::with_par_threshold(usize::MAX)] {
+            let (g, x) = (make(2), make(5));
+            let (mut p1, mut m1, mut v1) = (make(1), make(3), make(4).into_iter().map(|v| v.mapv(f32::abs)).collect::<Vec<_>>());
+            let (mut p2, mut m2, mut v2) = (p1.clone(), m1.clone(), v1.clone());
+            let one: Vec<f64> = (0..p1.len()).map(|i| be.adamw(&mut p1[i], &g[i], &mut m1[i], &mut v1[i], &k).unwrap()).collect();
+            let mut items: Vec<AdamWItem<'_, ArrayD<f32>>> = p2
+                .iter_mut()
+                .zip(&g)
+                .zip(m2.iter_mut().zip(v2.iter_mut()))
+                .map(|((p, g), (m, v))| AdamWItem { p, g, m, v, k })
+                .collect();
+            let many = be.adamw_many(&mut items).unwrap();
+            assert!(one.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits()));
+            assert!(p1 == p2 && m1 == m2 && v1 == v2);
+            let refs: Vec<&ArrayD<f32>> = g.iter().collect();
+            let sums = be.sum_sq_many(&refs).unwrap();
+            assert!(refs.iter().zip(&sums).all(|(t, s)| be.sum_sq(t).unwrap().to_bits() == s.to_bits()));
+            for (i, y) in p1.iter_mut().enumerate() {
+                be.axpy(y, 0.3 + i as f64, &x[i]).unwrap();
+            }
+            let mut items: Vec<AxpyItem<'_, ArrayD<f32>>> = p2.iter_mut().zip(&x).enumerate().map(|(i, (y, x))| AxpyItem { y, alpha: 0.3 + i as f64, x }).collect();
+            be.axpy_many(&mut items).unwrap();
+            assert!(p1 == p2);
+        }
+    }
+
+    /// A shape mismatch anywhere in a batch is an error before any tensor moves.
+    #[test]
+    fn batched_shape_errors_update_nothing() {
+        let be = NdBackend::<f32>::new();
+        let k = AdamWStep { unperturb: 0.0, decay: 1.0, grad_scale: 1.0, beta1: 0.9, beta2: 0.999, step_size: 0.1, bias2_sqrt: 0.1, eps: 1e-8 };
+        let (mut p, g, mut m, mut v) = (filled(10, 1), filled(10, 2), filled(10, 3), filled(10, 4));
+        let (mut q, h, mut mq, mut vq) = (filled(5, 1), filled(6, 2), filled(5, 3), filled(5, 4));
+        let before = (p.clone(), m.clone(), v.clone());
+        let mut items = vec![AdamWItem { p: &mut p, g: &g, m: &mut m, v: &mut v, k }, AdamWItem { p: &mut q, g: &h, m: &mut mq, v: &mut vq, k }];
+        assert!(matches!(be.adamw_many(&mut items), Err(MgpoError::Backend(_))));
+        assert!((p, m, v) == before);
     }
 
     #[test]
