@@ -379,6 +379,12 @@ def serve():
 
 def rss_probe(kind, params, dim, rank, steps):
     """Peak RSS of `steps` optimizer steps over the memory the inputs already hold."""
+    # Warm up on a small case first, so library code pages, OpenMP threads
+    # and allocator caches exist before the measured span.
+    if kind.startswith("step:") and kind[5:] != "none":
+        StepCase(kind[5:], 256, 8, 2)
+    elif kind == "weight:authors":
+        WeightCase(256, 256, 8).authors()
     if kind.startswith("step:"):
         variant = kind[5:]
         d, r, n = lora_shape(params)

@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use mgpo_bench::sizes::{label, LoraShape};
 use mgpo_bench::step::{StepBench, Variant};
 use mgpo_bench::stream::Stream;
-use mgpo_bench::weight::{FusedPrototype, Materialised, RankDecomposed};
+use mgpo_bench::weight::{Materialised, RankDecomposed};
 use mgpo_core::{HostIo, TensorOps};
 
 fn sizes() -> Vec<usize> {
@@ -65,8 +65,6 @@ fn weight(c: &mut Criterion) {
     let mut ours = RankDecomposed::new(mgpo_ndarray::NdBackend::<f32>::new(), d, d, r).expect("setup");
     g.bench_function("ndarray/rank-decomposed-in-place", |b| b.iter(|| ours.in_place().expect("in place")));
     g.bench_function("ndarray/rank-decomposed-norms", |b| b.iter(|| ours.norms().expect("norms")));
-    let mut fused = FusedPrototype::new(d, d, r).expect("setup");
-    g.bench_function("prototype/rank-decomposed-in-place", |b| b.iter(|| fused.in_place().expect("in place")));
     let mut mat = Materialised::new(d, d, r);
     g.bench_function("ndarray/materialised-authors", |b| b.iter(|| mat.step().expect("step")));
     g.finish();

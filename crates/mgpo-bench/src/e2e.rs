@@ -7,17 +7,18 @@
 //! weight-space MGPO runs in factored form (the layer adds the
 //! perturbation; W0 is never written).
 //!
-//! The demo model of `mgpo-experiments` was not available when this was
-//! written; this MLP stands in for it (the same shape of computation: a
-//! frozen base dominating the forward and backward pass, small adapters).
+//! [`demo`] times the same step on the demo model of `mgpo demo`
+//! (`mgpo-experiments`: an MLP 64-128-128-10 with adapters on every layer)
+//! through its own training sessions, where the adapters are a much larger
+//! share of the work.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[allow(unused_imports)]
 use crate::step::{filled, Variant};
 
 /// The model's size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct E2eShape {
     pub dim: usize,
     pub rank: usize,
@@ -180,5 +181,84 @@ pub mod tch_e2e {
             }
             Ok(())
         }
+    }
+}
+
+/// The demo model of `mgpo-experiments` through its `Session`s (candle,
+/// dfdx): one `train_step` (perturb, forward, backward, step) on a fixed
+/// batch.
+pub mod demo {
+    use mgpo_experiments::backend::{by_name, names, Session, SessionSpec};
+    use mgpo_experiments::model::{adapter_init, BaseModel, INPUT};
+
+    use super::{filled, Variant};
+
+    /// Adapter rank (alpha = r, as the demo) and batch size (the demo's).
+    pub const RANK: usize = 32;
+    pub const BATCH: usize = 32;
+
+    fn err(e: impl std::fmt::Display) -> String {
+        e.to_string()
+    }
+
+    /// The backends the demo can run on in this build.
+    pub fn backends() -> Vec<&'static str> {
+        names()
+    }
+
+    /// "MLP 64-128-128-10, r 32, batch 32".
+    pub fn describe() -> String {
+        format!("demo MLP 64-128-128-10, r {RANK}, batch {BATCH}")
+    }
+
+    /// Trainable parameters of the demo's adapters at [`RANK`].
+    pub fn params() -> usize {
+        mgpo_experiments::model::DIMS.iter().map(|&(out, inp)| RANK * (out + inp)).sum()
+    }
+
+    /// A demo session and its batch.
+    pub struct Demo {
+        session: Box<dyn Session>,
+        x: Vec<f32>,
+        y: Vec<u32>,
+    }
+
+    impl Demo {
+        pub fn new(backend: &str, variant: Variant) -> Result<Demo, String> {
+            let base = BaseModel::init(1);
+            let spec = SessionSpec { base: &base, rank: RANK, alpha: RANK as f64, config: variant.config(), init_a: adapter_init(RANK, 2) };
+            let session = by_name(backend).map_err(err)?.session(&spec).map_err(err)?;
+            let x = filled(BATCH * INPUT, 3, 1.0).into_iter().map(|v| v as f32).collect();
+            let y = (0..BATCH as u32).map(|i| i % 10).collect();
+            let mut d = Demo { session, x, y };
+            d.step()?;
+            d.step()?;
+            Ok(d)
+        }
+
+        pub fn step(&mut self) -> Result<(), String> {
+            let out = self.session.train_step(&self.x, &self.y).map_err(err)?;
+            if out.report.skipped {
+                return Err("demo: step skipped".into());
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The demo model trains under every variant on its default backend.
+    #[test]
+    fn demo_steps_on_candle() {
+        let _lock = crate::test_lock();
+        for v in VARIANTS {
+            let mut d = demo::Demo::new("candle", v).unwrap();
+            d.step().unwrap();
+        }
+        assert!(demo::params() > 0);
+        assert!(demo::Demo::new("no-such-backend", Variant::Adamw).is_err());
     }
 }

@@ -21,7 +21,6 @@
 //! rounds, so slow drifts of a shared machine hit both sides alike.
 
 pub mod e2e;
-pub mod kernels;
 pub mod memory;
 pub mod peer;
 pub mod sizes;
@@ -37,10 +36,10 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use mgpo_core::{HostIo, TensorOps};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-pub use report::{print_report, Target};
+pub use report::{print_markdown, print_report, Target};
 use sizes::LoraShape;
 use step::{StepBench, Variant};
 use timing::Stats;
@@ -126,13 +125,13 @@ impl Default for Options {
 }
 
 /// The machine and the conditions of the run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu: String,
     pub logical_cpus: usize,
     /// rayon threads (ours) and intra-op threads (PyTorch's).
     pub threads: usize,
-    /// The instruction set of the dispatching prototype kernels.
+    /// The instruction set mgpo-ndarray's kernels run with.
     pub isa: String,
     /// 1-, 5-, 15-minute load averages before and after the run.
     pub load_before: Vec<f64>,
@@ -154,12 +153,11 @@ pub fn load_average() -> Vec<f64> {
 }
 
 /// One measured item.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// `steps`, `weight`, `e2e`.
     pub section: String,
-    /// `ndarray`, `candle`, `tch`, `dfdx`, `torch`, `stream` (the bound),
-    /// `prototype` (a kernel variant proposed for mgpo-ndarray).
+    /// `ndarray`, `candle`, `tch`, `dfdx`, `torch`, `stream` (the bound).
     pub backend: String,
     pub variant: String,
     /// Trainable parameters (weight section: of the adapter).
@@ -180,7 +178,7 @@ pub struct Row {
 }
 
 /// Optimizer state of each variant (ndarray, f32).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateRow {
     pub variant: String,
     #[serde(flatten)]
@@ -188,7 +186,7 @@ pub struct StateRow {
 }
 
 /// A peak-RSS probe.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RssRow {
     pub side: String,
     #[serde(flatten)]
@@ -198,7 +196,7 @@ pub struct RssRow {
 }
 
 /// Everything a run measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub machine: Machine,
     pub rounds: usize,
@@ -248,7 +246,7 @@ fn alternate(opts: &Options, items: &mut Vec<Item>, notes: &mut Vec<String>) {
     let mut failed = Vec::new();
     for (i, it) in items.iter_mut().enumerate() {
         match (it.run)(1) {
-            Ok(t) => it.reps = timing::reps_for(t.first().copied().unwrap_or(0.0), opts.budget_s, 3, 5000),
+            Ok(t) => it.reps = timing::reps_for(t.first().copied().unwrap_or(0.0), opts.budget_s, 1, 5000),
             Err(e) => {
                 notes.push(format!("{}: {e}", it.name()));
                 failed.push(i);
@@ -361,7 +359,12 @@ fn steps_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>,
         let mut items: Vec<Item> = Vec::new();
         let mut st = stream::Stream::new(shape.params());
         st.calibrate(3);
-        let mut bound = Item::new("steps", "stream", "in-place-stream", shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || Ok::<_, String>(st.pass()))));
+        let mut bound = Item::new("steps", "stream", "in-place-stream", shape.params(), shape.describe(), Box::new(move |reps| {
+            timing::sample(reps, || {
+                st.pass();
+                Ok::<_, String>(())
+            })
+        }));
         bound.bytes_per_param = Some(stream::BYTES_PER_PARAM);
         items.push(bound);
         let variants: Vec<Variant> = Variant::ALL.into_iter().filter(|v| !v.with_w0() || shape.params() <= opts.w0_max_params).collect();
@@ -374,15 +377,12 @@ fn steps_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>,
                 state.push(StateRow { variant: v.name().into(), size: b.state_size(4) });
             }
         }
-        // The AdamW kernel alone, as mgpo-ndarray compiles it and dispatched
-        // to the widest vector ISA, over the same tensors.
+        // mgpo-ndarray's AdamW pass alone (`adamw_many`), over the same tensors.
         if opts.backends.iter().any(|b| b == "ndarray") {
-            for (backend, dispatch) in [("ndarray", false), ("prototype", true)] {
-                let mut k = KernelBench::new(shape)?;
-                let mut it = Item::new("steps", backend, "adamw-kernel", shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || k.run(dispatch))));
-                it.bytes_per_param = Some(28.0);
-                items.push(it);
-            }
+            let mut k = KernelBench::new(shape)?;
+            let mut it = Item::new("steps", "ndarray", "adamw-kernel", shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || k.run())));
+            it.bytes_per_param = Some(28.0);
+            items.push(it);
         }
         if let Some(p) = peer {
             for v in PEER_STEP_VARIANTS {
@@ -426,23 +426,13 @@ impl KernelBench {
         Ok(KernelBench { p: t.params, g: t.grads, m, v })
     }
 
-    fn run(&mut self, dispatch: bool) -> Result<(), String> {
-        use mgpo_core::FusedUpdate;
+    /// One AdamW pass over every tensor, as `Mgpo::step` runs it.
+    fn run(&mut self) -> Result<(), String> {
+        use mgpo_core::{AdamWItem, FusedUpdate};
         let k = mgpo_core::AdamWStep { unperturb: 0.0, decay: 1.0, grad_scale: 1.0, beta1: 0.9, beta2: 0.999, step_size: 1e-4, bias2_sqrt: 0.5, eps: 1e-8 };
-        let be = mgpo_ndarray::NdBackend::<f32>::new();
-        for (((p, g), m), v) in self.p.iter_mut().zip(&self.g).zip(&mut self.m).zip(&mut self.v) {
-            if dispatch {
-                let (p, g, m, v) = (p.as_slice_mut(), g.as_slice(), m.as_slice_mut(), v.as_slice_mut());
-                match (p, g, m, v) {
-                    (Some(p), Some(g), Some(m), Some(v)) => {
-                        std::hint::black_box(kernels::adamw_dispatch(p, g, m, v, &k));
-                    }
-                    _ => return Err("non-contiguous tensor".into()),
-                }
-            } else {
-                std::hint::black_box(be.adamw(p, g, m, v, &k).map_err(|e| e.to_string())?);
-            }
-        }
+        let mut items: Vec<AdamWItem<'_, ndarray::ArrayD<f32>>> =
+            self.p.iter_mut().zip(&self.g).zip(self.m.iter_mut().zip(&mut self.v)).map(|((p, g), (m, v))| AdamWItem { p, g, m, v, k }).collect();
+        std::hint::black_box(mgpo_ndarray::NdBackend::<f32>::new().adamw_many(&mut items).map_err(|e| e.to_string())?);
         Ok(())
     }
 }
@@ -464,8 +454,6 @@ fn weight_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>
             })?;
         }
         if opts.backends.iter().any(|b| b == "ndarray") {
-            let mut fused = weight::FusedPrototype::new(d, d, r)?;
-            items.push(Item::new("weight", "prototype", "rank-decomposed-in-place", n, shape.clone(), Box::new(move |reps| timing::sample(reps, || fused.in_place()))));
             let mut mat = weight::Materialised::new(d, d, r);
             items.push(Item::new("weight", "ndarray", "materialised-authors", n, shape.clone(), Box::new(move |reps| timing::sample(reps, || mat.step()))));
             let mat2 = weight::Materialised::new(d, d, r);
@@ -519,13 +507,25 @@ fn e2e_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>, n
     if items.is_empty() {
         notes.push("e2e: needs the candle or tch backend (features `candle`, `tch`)".into());
     }
+    for b in e2e::demo::backends() {
+        if !opts.backends.iter().any(|x| x == b) {
+            continue;
+        }
+        for v in e2e::VARIANTS {
+            let mut m = e2e::demo::Demo::new(b, v)?;
+            items.push(Item::new("e2e-demo", b, v.name(), e2e::demo::params(), e2e::demo::describe(), Box::new(move |reps| timing::sample(reps, || m.step()))));
+        }
+    }
     if let Some(p) = peer {
         for v in ["adamw-fused", "mgpo-adapter", "mgpo-weight-w0"] {
             let req = json!({"op": "e2e", "variant": v, "dim": s.dim, "rank": s.rank, "layers": s.layers, "tokens": s.tokens});
             items.push(peer_item(p, "e2e", v, s.params(), s.describe(), req));
         }
     }
-    alternate(opts, &mut items, notes);
+    // A training step takes far longer than an optimizer step: four times
+    // the budget, so each round has several calls per item.
+    let long = Options { budget_s: 4.0 * opts.budget_s, ..opts.clone() };
+    alternate(&long, &mut items, notes);
     rows.extend(rows_of(&items));
     drop(items);
     if let Some(p) = peer {
@@ -546,7 +546,7 @@ fn memory_section(opts: &Options, peer_ok: bool, threads: usize, rss: &mut Vec<R
         for k in ["step:none", "step:adamw", "step:mgpo-adapter", "step:mgpo-weight"] {
             push("ours", memory::probe_child(cmd, k, n, d, r));
         }
-        for k in ["weight:none", "weight:ours", "weight:fused", "weight:materialised"] {
+        for k in ["weight:none", "weight:ours", "weight:materialised"] {
             push("ours", memory::probe_child(cmd, k, n, d, r));
         }
     } else {
@@ -600,7 +600,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         cpu: cpu_model(),
         logical_cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         threads,
-        isa: kernels::isa().into(),
+        isa: format!("{:?}", mgpo_ndarray::isa()),
         load_before,
         load_after: load_average(),
     };

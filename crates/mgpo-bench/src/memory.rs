@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::sizes::LoraShape;
 use crate::step::{LoraTensors, StepBench, Variant};
-use crate::weight::{FusedPrototype, Materialised, RankDecomposed};
+use crate::weight::{Materialised, RankDecomposed};
 
 /// One probe's result (also the JSON line the child prints).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,10 +58,13 @@ pub fn reset_peak() -> bool {
 
 /// Runs the probe `kind` in this process:
 /// `step:none|adamw|mgpo-adapter|mgpo-weight` (the LoRA split of `params`,
-/// `steps` steps on ndarray f32) or `weight:none|ours|fused|materialised`
+/// `steps` steps on ndarray f32) or `weight:none|ours|materialised`
 /// (one `dim` x `dim` W0 at `rank`, `steps` steps' weight-space work).
 pub fn probe(kind: &str, params: usize, dim: usize, rank: usize, steps: usize) -> Result<RssProbe, String> {
     let be = NdBackend::<f32>::new();
+    // Warm up on a small case first, so code pages, the thread pool and
+    // allocator arenas exist before the measured span.
+    warm_up(kind)?;
     let (count, base, ok);
     if let Some(v) = kind.strip_prefix("step:") {
         let shape = LoraShape::for_params(params);
@@ -82,13 +85,11 @@ pub fn probe(kind: &str, params: usize, dim: usize, rank: usize, steps: usize) -
         enum Case {
             None,
             Ours(RankDecomposed<NdBackend<f32>>),
-            Fused(FusedPrototype),
             Mat(Materialised),
         }
         let mut case = match w {
             "none" => Case::None,
             "ours" => Case::Ours(RankDecomposed::new(be, dim, dim, rank)?),
-            "fused" => Case::Fused(FusedPrototype::new(dim, dim, rank)?),
             "materialised" => Case::Mat(Materialised::new(dim, dim, rank)),
             _ => return Err(format!("unknown weight probe {w:?}")),
         };
@@ -98,7 +99,6 @@ pub fn probe(kind: &str, params: usize, dim: usize, rank: usize, steps: usize) -
             match &mut case {
                 Case::None => {}
                 Case::Ours(c) => c.in_place()?,
-                Case::Fused(c) => c.in_place()?,
                 Case::Mat(c) => c.step()?,
             }
         }
@@ -107,6 +107,19 @@ pub fn probe(kind: &str, params: usize, dim: usize, rank: usize, steps: usize) -
         return Err(format!("unknown probe {kind:?}"));
     }
     Ok(RssProbe { kind: kind.to_string(), params: count, base_rss: base, peak_rss: rss_now().1, reset_ok: ok })
+}
+
+fn warm_up(kind: &str) -> Result<(), String> {
+    let small = LoraShape { dim: 256, rank: 8, adapters: 2 };
+    if let Some(v) = kind.strip_prefix("step:").and_then(Variant::parse) {
+        StepBench::new(NdBackend::<f32>::new(), small, v)?.step()?;
+    }
+    match kind.strip_prefix("weight:") {
+        Some("ours") => RankDecomposed::new(NdBackend::<f32>::new(), 256, 256, 8)?.in_place()?,
+        Some("materialised") => Materialised::new(256, 256, 8).step()?,
+        _ => {}
+    }
+    Ok(())
 }
 
 /// Runs a probe in a child: `cmd` (program and leading arguments) plus

@@ -6,10 +6,10 @@
 //! 1024 below 3e6, 4096 (a 7B model's width) above; r = 8.
 
 use mgpo_core::Layout;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// `adapters` LoRA adapters with A: rank x dim and B: dim x rank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoraShape {
     pub dim: usize,
     pub rank: usize,
@@ -67,7 +67,7 @@ pub fn parse_count(s: &str) -> Result<usize, String> {
     };
     let x: f64 = num.parse().map_err(|_| format!("not a parameter count: {s:?}"))?;
     let n = x * mult;
-    if !(n.is_finite() && n >= 1.0 && n <= 1e11) {
+    if !(1.0..=1e11).contains(&n) {
         return Err(format!("parameter count out of range (1 to 1e11): {s:?}"));
     }
     Ok(n.round() as usize)

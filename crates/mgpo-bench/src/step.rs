@@ -4,12 +4,12 @@
 //! norms, the perturbation, its removal and AdamW.
 
 use mgpo_core::{AdamWConfig, Config, HostIo, Mgpo, TensorOps};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sizes::LoraShape;
 
 /// What a step computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Variant {
     /// `Config::adamw`: rho = 0, no `perturb` call; torch.optim.AdamW.
@@ -202,7 +202,7 @@ impl<B: TensorOps + HostIo> StepBench<B> {
 }
 
 /// Optimizer state held per parameter and per group.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StateSize {
     /// Trainable parameters.
     pub params: usize,

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Seconds per call of `f`, `reps` calls, each timed on its own.
 pub fn sample<E>(reps: usize, mut f: impl FnMut() -> Result<(), E>) -> Result<Vec<f64>, E> {
@@ -17,14 +17,14 @@ pub fn sample<E>(reps: usize, mut f: impl FnMut() -> Result<(), E>) -> Result<Ve
 
 /// How many calls of about `one_call` seconds fill `budget` seconds, in [lo, hi].
 pub fn reps_for(one_call: f64, budget: f64, lo: usize, hi: usize) -> usize {
-    if !(one_call > 0.0) {
+    if one_call.is_nan() || one_call <= 0.0 {
         return hi;
     }
     ((budget / one_call).round() as usize).clamp(lo, hi)
 }
 
 /// Median, minimum and mean of a set of samples (seconds).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
     pub median_s: f64,
     pub min_s: f64,

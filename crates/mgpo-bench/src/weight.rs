@@ -13,8 +13,6 @@
 //!   scaled into a second out x in perturbation and added to W0, built
 //!   again to subtract it after the backward pass, and the gradient image
 //!   is built to take its norm.
-//! - **fused prototype** ([`crate::kernels::add_low_rank_fused`]): the
-//!   rank-decomposed form with both rank-r updates in one parallel pass.
 
 use mgpo_core::lowrank::sum_of_products_sq;
 use mgpo_core::{HostIo, TensorOps};
@@ -22,7 +20,6 @@ use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, Zip};
 use rayon::prelude::*;
 
-use crate::kernels::add_low_rank_fused;
 use crate::step::filled;
 
 fn err(e: impl std::fmt::Display) -> String {
@@ -196,30 +193,6 @@ impl Materialised {
     }
 }
 
-/// The rank-decomposed norms (ndarray backend) with the fused one-pass
-/// prototype of `add_low_rank` for the updates.
-pub struct FusedPrototype {
-    inner: RankDecomposed<mgpo_ndarray::NdBackend<f32>>,
-}
-
-impl FusedPrototype {
-    pub fn new(out: usize, inn: usize, rank: usize) -> Result<Self, String> {
-        Ok(FusedPrototype { inner: RankDecomposed::new(mgpo_ndarray::NdBackend::new(), out, inn, rank)? })
-    }
-
-    pub fn in_place(&mut self) -> Result<(), String> {
-        let (n, _) = self.inner.norms()?;
-        let c = (-RHO * INV_SCALE / (n + 1e-12) * self.inner.scale) as f32;
-        let s = |t: &ndarray::ArrayD<f32>| t.as_slice().map(|x| x.to_vec()).ok_or("not contiguous".to_string());
-        let (mb, a, b, ma) = (s(&self.inner.mb)?, s(&self.inner.a)?, s(&self.inner.b)?, s(&self.inner.ma)?);
-        let (out, inn) = (self.inner.w.shape()[0], self.inner.w.shape()[1]);
-        let rank = a.len() / inn;
-        let w = self.inner.w.as_slice_mut().ok_or("W0 not contiguous")?;
-        add_low_rank_fused(w, out, inn, rank, c, &mb, &a, &b, &ma)?;
-        add_low_rank_fused(w, out, inn, rank, -c, &mb, &a, &b, &ma)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,9 +215,6 @@ mod tests {
         rd.in_place().unwrap();
         let w1 = rd.w0().unwrap();
         assert!(w0.iter().zip(&w1).all(|(x, y)| (x - y).abs() < 1e-6));
-        let mut fp = FusedPrototype::new(out, inn, r).unwrap();
-        fp.in_place().unwrap();
-        assert!(w0.iter().zip(fp.inner.w0().unwrap()).all(|(x, y)| (x - y).abs() < 1e-6));
         let mut m = Materialised::new(out, inn, r);
         m.step().unwrap();
         assert!(m.w.iter().zip(&w0).all(|(&x, y)| (x as f64 - y).abs() < 1e-6));

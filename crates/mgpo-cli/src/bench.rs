@@ -55,6 +55,12 @@ pub struct BenchArgs {
     /// Also write the JSON report to this file.
     #[arg(long)]
     json_out: Option<PathBuf>,
+    /// Print Markdown tables (as in docs/benchmarks.md) instead of plain ones.
+    #[arg(long)]
+    markdown: bool,
+    /// Render a report saved with --json-out instead of measuring.
+    #[arg(long)]
+    from_json: Option<PathBuf>,
     /// Exit non-zero when a target of the report is missed.
     #[arg(long)]
     check_targets: bool,
@@ -73,6 +79,16 @@ pub fn run(args: BenchArgs) -> Result<bool, String> {
         let p = mgpo_bench::memory::probe(kind, n, args.weight_dim, args.rank, 5)?;
         println!("{}", serde_json::to_string(&p).map_err(|e| e.to_string())?);
         return Ok(true);
+    }
+    if let Some(path) = &args.from_json {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let report: mgpo_bench::Report = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        if args.markdown {
+            mgpo_bench::print_markdown(&report);
+        } else {
+            mgpo_bench::print_report(&report);
+        }
+        return Ok(!args.check_targets || report.targets.iter().all(|t| t.met));
     }
     let mut opts = Options { params: counts, ..Options::default() };
     if !args.backend.is_empty() {
@@ -122,6 +138,8 @@ pub fn run(args: BenchArgs) -> Result<bool, String> {
     }
     if args.json {
         println!("{json}");
+    } else if args.markdown {
+        mgpo_bench::print_markdown(&report);
     } else {
         mgpo_bench::print_report(&report);
     }
