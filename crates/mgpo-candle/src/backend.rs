@@ -24,7 +24,8 @@
 //! as Metal, by copying to the host).
 
 use candle_core::{DType, Device, Tensor, D};
-use mgpo_core::{adamw_element, AdamWConsts, AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
+use mgpo_core::cpu as kernels;
+use mgpo_core::{AdamWConsts, AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
 use rayon::prelude::*;
 
 use crate::cpu::{backend_err, check_distinct, with_mut, with_refs, CpuFloat};
@@ -117,9 +118,10 @@ fn f64_of<E: CpuFloat>(x: E) -> f64 {
     x.to_f64().unwrap_or(f64::NAN)
 }
 
-/// sum x^2 in f64, chunked so that the order of additions is fixed.
+/// sum x^2 in f64, chunked so that the order of additions is fixed (the
+/// same order as the sum of m^2 returned by [`adamw_slices`]).
 fn sum_sq_slice<E: CpuFloat>(x: &[E], par: bool) -> f64 {
-    let part = |c: &[E]| c.iter().map(|&v| f64_of(v) * f64_of(v)).sum::<f64>();
+    let part = kernels::sum_sq::<E>;
     if par {
         x.par_chunks(CHUNK).map(part).collect::<Vec<_>>().iter().sum()
     } else {
@@ -129,15 +131,7 @@ fn sum_sq_slice<E: CpuFloat>(x: &[E], par: bool) -> f64 {
 
 /// The fused AdamW pass over one tensor; returns sum m^2 of the new m.
 fn adamw_slices<E: CpuFloat>(p: &mut [E], g: &[E], m: &mut [E], v: &mut [E], c: &AdamWConsts<E>, par: bool) -> f64 {
-    let body = |p: &mut [E], g: &[E], m: &mut [E], v: &mut [E]| {
-        let mut acc = 0.0;
-        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            adamw_element(p, g, m, v, c);
-            let mm = f64_of(*m);
-            acc += mm * mm;
-        }
-        acc
-    };
+    let body = |p: &mut [E], g: &[E], m: &mut [E], v: &mut [E]| kernels::adamw(p, g, m, v, c);
     if par {
         let parts: Vec<f64> = p
             .par_chunks_mut(CHUNK)
@@ -207,37 +201,14 @@ impl CandleBackend {
 
     /// X^T Y (n x r each) in f64.
     fn gram_cols_cpu<E: CpuFloat>(&self, x: &Tensor, y: &Tensor, r: usize) -> Result<Vec<f64>> {
-        with_refs::<E, _>(&[x, y], "gram_cols", |xy| {
-            let (xs, ys) = (xy[0], xy[1]);
-            let mut out = vec![0.0f64; r * r];
-            if r == 0 {
-                return Ok(out);
-            }
-            for (xr, yr) in xs.chunks_exact(r).zip(ys.chunks_exact(r)) {
-                for (i, &xi) in xr.iter().enumerate() {
-                    let xi = f64_of(xi);
-                    for (o, &yj) in out[i * r..(i + 1) * r].iter_mut().zip(yr) {
-                        *o += xi * f64_of(yj);
-                    }
-                }
-            }
-            Ok(out)
-        })
+        let sym = x.id() == y.id();
+        with_refs::<E, _>(&[x, y], "gram_cols", |xy| Ok(kernels::gram_cols(xy[0], xy[1], r, sym)))
     }
 
     /// X Y^T (r x n each) in f64.
-    fn gram_rows_cpu<E: CpuFloat>(&self, x: &Tensor, y: &Tensor, r: usize, n: usize) -> Result<Vec<f64>> {
-        with_refs::<E, _>(&[x, y], "gram_rows", |xy| {
-            let (xs, ys) = (xy[0], xy[1]);
-            let mut out = vec![0.0f64; r * r];
-            for i in 0..r {
-                for j in 0..r {
-                    let (xi, yj) = (&xs[i * n..(i + 1) * n], &ys[j * n..(j + 1) * n]);
-                    out[i * r + j] = xi.iter().zip(yj).map(|(&a, &b)| f64_of(a) * f64_of(b)).sum();
-                }
-            }
-            Ok(out)
-        })
+    fn gram_rows_cpu<E: CpuFloat>(&self, x: &Tensor, y: &Tensor, r: usize) -> Result<Vec<f64>> {
+        let sym = x.id() == y.id();
+        with_refs::<E, _>(&[x, y], "gram_rows", |xy| Ok(kernels::gram_rows(xy[0], xy[1], r, sym)))
     }
 
     /// W += c (P Q + R S), row by row: each row o of W gets
@@ -357,12 +328,12 @@ impl LowRank for CandleBackend {
     }
 
     fn gram_rows(&self, x: &Tensor, y: &Tensor) -> Result<Vec<f64>> {
-        let (r, n) = matrix(x, "gram_rows X")?;
+        let (r, _) = matrix(x, "gram_rows X")?;
         matrix(y, "gram_rows Y")?;
         same_shape(x, y, "gram_rows")?;
         match self.cpu_kind(&[x, y])? {
-            Some(DType::F32) => self.gram_rows_cpu::<f32>(x, y, r, n),
-            Some(_) => self.gram_rows_cpu::<f64>(x, y, r, n),
+            Some(DType::F32) => self.gram_rows_cpu::<f32>(x, y, r),
+            Some(_) => self.gram_rows_cpu::<f64>(x, y, r),
             None => {
                 let (x, y) = (as_f64(x)?, as_f64(y)?);
                 let g = y.t().and_then(|yt| x.matmul(&yt)).and_then(|g| g.flatten_all()).and_then(|g| g.to_vec1::<f64>());

@@ -14,6 +14,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod layout;
 pub mod lowrank;

@@ -17,7 +17,8 @@ use std::marker::PhantomData;
 
 use dfdx::shapes::{Dtype, HasShape, Shape};
 use dfdx::tensor::{Cpu, Storage, Tensor, TensorFromVec};
-use mgpo_core::{adamw_element, AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
+use mgpo_core::cpu as kernels;
+use mgpo_core::{AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
 use num_traits::Float;
 
 /// Element types of the backend: f32 and f64. The two methods expose dfdx's
@@ -213,7 +214,7 @@ impl<E: Element> Tensors for DfdxBackend<E> {
 
 impl<E: Element> Reduce for DfdxBackend<E> {
     fn sum_sq(&self, t: &DfTensor<E>) -> Result<f64> {
-        Ok(t.as_slice().iter().map(|&x| f64_of(x) * f64_of(x)).sum())
+        Ok(kernels::sum_sq(t.as_slice()))
     }
 
     fn all_finite(&self, t: &DfTensor<E>) -> Result<bool> {
@@ -225,10 +226,7 @@ impl<E: Element> FusedUpdate for DfdxBackend<E> {
     /// y <- y + alpha x, one pass.
     fn axpy(&self, y: &mut DfTensor<E>, alpha: f64, x: &DfTensor<E>) -> Result<()> {
         same_shape("axpy", y, x)?;
-        let a: E = elem(alpha);
-        for (y, &x) in y.as_mut_slice().iter_mut().zip(x.as_slice()) {
-            *y += a * x;
-        }
+        kernels::axpy(y.as_mut_slice(), elem::<E>(alpha), x.as_slice());
         Ok(())
     }
 
@@ -239,57 +237,28 @@ impl<E: Element> FusedUpdate for DfdxBackend<E> {
         Ok(())
     }
 
-    /// One pass of [`adamw_element`] over p, g, m, v, summing the new m^2 in f64.
+    /// One pass of [`mgpo_core::adamw_element`] over p, g, m, v, summing the new m^2 in f64.
     fn adamw(&self, p: &mut DfTensor<E>, g: &DfTensor<E>, m: &mut DfTensor<E>, v: &mut DfTensor<E>, k: &AdamWStep) -> Result<f64> {
         same_shape("adamw grad", p, g)?;
         same_shape("adamw m", p, m)?;
         same_shape("adamw v", p, v)?;
-        let c = k.consts::<E>();
-        let mut m_sq = 0.0;
-        let it = p.as_mut_slice().iter_mut().zip(g.as_slice()).zip(m.as_mut_slice().iter_mut().zip(v.as_mut_slice()));
-        for ((p, &g), (m, v)) in it {
-            adamw_element(p, g, m, v, &c);
-            let mm = f64_of(*m);
-            m_sq += mm * mm;
-        }
-        Ok(m_sq)
+        Ok(kernels::adamw(p.as_mut_slice(), g.as_slice(), m.as_mut_slice(), v.as_mut_slice(), &k.consts::<E>()))
     }
 }
 
 impl<E: Element> LowRank for DfdxBackend<E> {
-    /// X^T Y (r x r) for X, Y of shape n x r, accumulated in f64 row by row.
+    /// X^T Y (r x r) for X, Y of shape n x r, accumulated in f64.
     fn gram_cols(&self, x: &DfTensor<E>, y: &DfTensor<E>) -> Result<Vec<f64>> {
         same_shape("gram_cols", x, y)?;
         let (_, r) = dims(x, "gram_cols X")?;
-        let mut out = vec![0.0f64; r * r];
-        if r == 0 {
-            return Ok(out);
-        }
-        for (xr, yr) in x.as_slice().chunks_exact(r).zip(y.as_slice().chunks_exact(r)) {
-            for (i, &xi) in xr.iter().enumerate() {
-                let xi = f64_of(xi);
-                for (o, &yj) in out[i * r..(i + 1) * r].iter_mut().zip(yr) {
-                    *o += xi * f64_of(yj);
-                }
-            }
-        }
-        Ok(out)
+        Ok(kernels::gram_cols(x.as_slice(), y.as_slice(), r, std::ptr::eq(x, y)))
     }
 
     /// X Y^T (r x r) for X, Y of shape r x n, accumulated in f64.
     fn gram_rows(&self, x: &DfTensor<E>, y: &DfTensor<E>) -> Result<Vec<f64>> {
         same_shape("gram_rows", x, y)?;
-        let (r, n) = dims(x, "gram_rows X")?;
-        let mut out = vec![0.0f64; r * r];
-        if n == 0 {
-            return Ok(out);
-        }
-        for (i, xr) in x.as_slice().chunks_exact(n).enumerate() {
-            for (j, yr) in y.as_slice().chunks_exact(n).enumerate() {
-                out[i * r + j] = xr.iter().zip(yr).map(|(&a, &b)| f64_of(a) * f64_of(b)).sum();
-            }
-        }
-        Ok(out)
+        let (r, _) = dims(x, "gram_rows X")?;
+        Ok(kernels::gram_rows(x.as_slice(), y.as_slice(), r, std::ptr::eq(x, y)))
     }
 
     /// W <- W + c (P Q + R S): for each row o of W and each k < r, two

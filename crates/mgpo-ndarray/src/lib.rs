@@ -10,10 +10,8 @@
 use std::marker::PhantomData;
 
 use mgpo_core::noise::gaussian;
-mod kernels;
-
-pub use kernels::{isa, Isa};
-use kernels::{block_adamw, block_axpy, block_sum_sq, BLOCK};
+pub use mgpo_core::cpu::{isa, Isa};
+use mgpo_core::cpu::{self, BLOCK};
 use mgpo_core::{adamw_element, AdamWItem, AdamWStep, AxpyItem, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
 use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, Ix2, IxDyn, Zip};
 use rayon::prelude::*;
@@ -132,7 +130,7 @@ impl<F: Element> Reduce for NdBackend<F> {
         let slices: Vec<Option<&[F]>> = ts.iter().map(|t| t.as_slice_memory_order()).collect();
         let flat = || slices.iter().flatten();
         let blocks: Vec<&[F]> = flat().flat_map(|x| x.chunks(BLOCK)).collect();
-        let parts = self.run_blocks(flat().map(|x| x.len()).sum(), blocks, block_sum_sq);
+        let parts = self.run_blocks(flat().map(|x| x.len()).sum(), blocks, cpu::sum_sq);
         let mut sums = sums_per_tensor(flat().map(|x| x.len()), &parts).into_iter();
         Ok(ts
             .iter()
@@ -182,7 +180,7 @@ impl<F: Element> FusedUpdate for NdBackend<F> {
             len += ys.len();
             blocks.extend(ys.chunks_mut(BLOCK).zip(xs.chunks(BLOCK)).map(|(y, x)| (y, x, a)));
         }
-        self.run_blocks(len, blocks, |(y, x, a)| block_axpy(y, a, x));
+        self.run_blocks(len, blocks, |(y, x, a)| cpu::axpy(y, a, x));
         Ok(())
     }
 
@@ -212,12 +210,54 @@ impl<F: Element> FusedUpdate for NdBackend<F> {
             let chunks = ps.chunks_mut(BLOCK).zip(gs.chunks(BLOCK)).zip(ms.chunks_mut(BLOCK)).zip(vs.chunks_mut(BLOCK));
             blocks.extend(chunks.map(|(((p, g), m), v)| (p, g, m, v, c)));
         }
-        let parts = self.run_blocks(lens.iter().map(|l| l.1).sum(), blocks, |(p, g, m, v, c)| block_adamw(p, g, m, v, &c));
+        let parts = self.run_blocks(lens.iter().map(|l| l.1).sum(), blocks, |(p, g, m, v, c)| cpu::adamw(p, g, m, v, &c));
         for (&(i, _), s) in lens.iter().zip(sums_per_tensor(lens.iter().map(|l| l.1), &parts)) {
             out[i] = s;
         }
         Ok(out)
     }
+}
+
+/// From this many rows [`gram_cols`] splits its rows in two halves that run
+/// in parallel. The split depends only on the shape, so results do not
+/// depend on the thread count.
+const GRAM_SPLIT_ROWS: usize = 4096;
+
+/// [`cpu::gram_cols`], the two halves of a tall X in parallel.
+fn gram_cols<F: Element>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
+    let n = x.len() / r.max(1);
+    if r == 0 || n < GRAM_SPLIT_ROWS {
+        return cpu::gram_cols(x, y, r, sym);
+    }
+    let span = |lo: usize, hi: usize| {
+        let mut acc = vec![0.0f64; r * r];
+        cpu::gram_cols_acc(&x[lo * r..hi * r], &y[lo * r..hi * r], r, sym, &mut acc);
+        acc
+    };
+    let (a, b) = rayon::join(|| span(0, n / 2), || span(n / 2, n));
+    let mut acc: Vec<f64> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
+    if sym {
+        cpu::mirror_upper(&mut acc, r);
+    }
+    acc
+}
+
+/// [`cpu::gram_rows`], the dot products in parallel when there is enough work.
+fn gram_rows<F: Element>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
+    let n = x.len() / r.max(1);
+    if r * r * n < 1 << 17 {
+        return cpu::gram_rows(x, y, r, sym);
+    }
+    let pairs: Vec<(usize, usize)> = (0..r).flat_map(|a| (if sym { a } else { 0 }..r).map(move |b| (a, b))).collect();
+    let vals: Vec<f64> = pairs.par_iter().map(|&(a, b)| cpu::dot(&x[a * n..(a + 1) * n], &y[b * n..(b + 1) * n])).collect();
+    let mut out = vec![0.0f64; r * r];
+    for (&(a, b), v) in pairs.iter().zip(vals) {
+        out[a * r + b] = v;
+    }
+    if sym {
+        cpu::mirror_upper(&mut out, r);
+    }
+    out
 }
 
 impl<F: Element> LowRank for NdBackend<F> {
@@ -231,7 +271,7 @@ impl<F: Element> LowRank for NdBackend<F> {
         let (Some(xs), Some(ys)) = (xs.as_slice(), ys.as_slice()) else {
             return Err(MgpoError::Backend("gram_cols: not contiguous".into()));
         };
-        Ok(kernels::gram_cols(xs, ys, r, std::ptr::eq(x, y)))
+        Ok(gram_cols(xs, ys, r, std::ptr::eq(x, y)))
     }
 
     fn gram_rows(&self, x: &ArrayD<F>, y: &ArrayD<F>) -> Result<Vec<f64>> {
@@ -244,7 +284,7 @@ impl<F: Element> LowRank for NdBackend<F> {
         let (Some(xs), Some(ys)) = (xs.as_slice(), ys.as_slice()) else {
             return Err(MgpoError::Backend("gram_rows: not contiguous".into()));
         };
-        Ok(kernels::gram_rows(xs, ys, r, std::ptr::eq(x, y)))
+        Ok(gram_rows(xs, ys, r, std::ptr::eq(x, y)))
     }
 
     fn add_low_rank(&self, w: &mut ArrayD<F>, c: f64, p: &ArrayD<F>, q: &ArrayD<F>, r: &ArrayD<F>, s: &ArrayD<F>) -> Result<()> {
@@ -342,6 +382,21 @@ mod tests {
             let mut items: Vec<AxpyItem<'_, ArrayD<f32>>> = p2.iter_mut().zip(&x).enumerate().map(|(i, (y, x))| AxpyItem { y, alpha: 0.3 + i as f64, x }).collect();
             be.axpy_many(&mut items).unwrap();
             assert!(p1 == p2);
+        }
+    }
+
+    /// The parallel Grams (tall X split in halves; dot products spread over
+    /// threads) agree with the serial kernels of the core.
+    #[test]
+    fn parallel_grams_match_serial() {
+        let (n, r) = (GRAM_SPLIT_ROWS + 77, 12);
+        let (x, y) = (filled(n * r, 1), filled(n * r, 2));
+        let (x, y) = (x.as_slice().unwrap(), y.as_slice().unwrap());
+        for sym in [false, true] {
+            let y = if sym { x } else { y };
+            for (got, want) in [(gram_cols(x, y, r, sym), cpu::gram_cols(x, y, r, sym)), (gram_rows(x, y, r, sym), cpu::gram_rows(x, y, r, sym))] {
+                assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-12 * (1.0 + b.abs())), "sym {sym}");
+            }
         }
     }
 

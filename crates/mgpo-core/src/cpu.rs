@@ -1,20 +1,25 @@
-//! The backend's loops over plain slices. Each is written once, generically,
-//! and compiled three times on x86-64: for the baseline (SSE2, which the
-//! workspace targets), AVX2 and AVX-512, picked at run time. The wider
-//! builds change only the vector width: no FMA contraction, the same
+//! CPU kernels over plain slices, shared by the backends whose tensors live
+//! in host memory (ndarray, candle, dfdx): the per-block loops of a step and
+//! the r x r Gram matrices of rank-decomposed norms. Each is written once,
+//! generically, and compiled three times on x86-64: for the baseline (SSE2,
+//! which the workspace targets), AVX2 and AVX-512, picked at run time. The
+//! wider builds change only the vector width: no FMA contraction, the same
 //! operations in the same order, so every ISA gives the same bits.
+//!
+//! Everything here is serial; backends split work into blocks of
+//! [`BLOCK`] elements and run blocks in parallel as they see fit.
 
 use std::sync::OnceLock;
 
-use mgpo_core::{adamw_element, AdamWConsts};
+use num_traits::Float;
 
-use crate::{f64_of, Element};
+use crate::ops::{adamw_element, AdamWConsts};
 
-/// Reductions and fused updates work on fixed blocks of this many elements:
-/// blocks run in parallel, but each block's sum is taken in the same order
-/// and block sums are added in index order, so results are bit-identical
-/// whatever the thread count or the parallel threshold.
-pub(crate) const BLOCK: usize = 1 << 13;
+/// A good block size for the element-wise kernels: small enough to split a
+/// LoRA tensor across cores, large enough to amortise a task. Backends that
+/// add block sums in block order get results independent of the thread
+/// count.
+pub const BLOCK: usize = 1 << 13;
 
 /// Lanes of independent partial sums inside a block (lets the compiler
 /// vectorise; combined in a fixed order).
@@ -22,11 +27,6 @@ const LANES: usize = 8;
 
 /// Lanes of partial sums of [`gram_rows`]'s dot products.
 const DOT_LANES: usize = 16;
-
-/// From this many rows [`gram_cols`] splits its rows in two halves that run
-/// in parallel. The split depends only on the shape, so results do not
-/// depend on the thread count.
-const GRAM_SPLIT_ROWS: usize = 4096;
 
 /// The instruction set the dispatched kernels run with on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,15 +58,15 @@ pub fn isa() -> Isa {
 macro_rules! dispatched {
     ($(#[$m:meta])* fn $name:ident<$g:ident>($($arg:ident: $ty:ty),*) -> $ret:ty => $inner:ident) => {
         $(#[$m])*
-        pub(crate) fn $name<$g: Element>($($arg: $ty),*) -> $ret {
+        pub fn $name<$g: Float>($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f")]
-            fn wide<$g: Element>($($arg: $ty),*) -> $ret {
+            fn wide<$g: Float>($($arg: $ty),*) -> $ret {
                 $inner::<$g>($($arg),*)
             }
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2")]
-            fn mid<$g: Element>($($arg: $ty),*) -> $ret {
+            fn mid<$g: Float>($($arg: $ty),*) -> $ret {
                 $inner::<$g>($($arg),*)
             }
             match isa() {
@@ -83,13 +83,18 @@ macro_rules! dispatched {
 }
 
 #[inline(always)]
-fn sq<F: Element>(x: F) -> f64 {
+fn f64_of<F: Float>(x: F) -> f64 {
+    x.to_f64().unwrap_or(f64::NAN)
+}
+
+#[inline(always)]
+fn sq<F: Float>(x: F) -> f64 {
     let x = f64_of(x);
     x * x
 }
 
 #[inline(always)]
-fn sum_sq_generic<F: Element>(x: &[F]) -> f64 {
+fn sum_sq_generic<F: Float>(x: &[F]) -> f64 {
     let mut acc = [0.0f64; LANES];
     let mut it = x.chunks_exact(LANES);
     for c in &mut it {
@@ -104,7 +109,7 @@ fn sum_sq_generic<F: Element>(x: &[F]) -> f64 {
 }
 
 #[inline(always)]
-fn adamw_generic<F: Element>(p: &mut [F], g: &[F], m: &mut [F], v: &mut [F], c: &AdamWConsts<F>) -> f64 {
+fn adamw_generic<F: Float>(p: &mut [F], g: &[F], m: &mut [F], v: &mut [F], c: &AdamWConsts<F>) -> f64 {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
         adamw_element(p, g, m, v, c);
     }
@@ -112,31 +117,31 @@ fn adamw_generic<F: Element>(p: &mut [F], g: &[F], m: &mut [F], v: &mut [F], c: 
 }
 
 #[inline(always)]
-fn axpy_generic<F: Element>(y: &mut [F], a: F, x: &[F]) {
+fn axpy_generic<F: Float>(y: &mut [F], a: F, x: &[F]) {
     for (y, &x) in y.iter_mut().zip(x) {
         *y = *y + a * x;
     }
 }
 
 dispatched!(
-    /// sum x^2 over one block in f64, in a fixed order.
-    fn block_sum_sq<F>(x: &[F]) -> f64 => sum_sq_generic
+    /// sum x^2 in f64, in 8 lanes combined in a fixed order.
+    fn sum_sq<F>(x: &[F]) -> f64 => sum_sq_generic
 );
 dispatched!(
-    /// The fused AdamW pass ([`adamw_element`]) over one block; returns
-    /// sum m^2 of the block's new first moment.
-    fn block_adamw<F>(p: &mut [F], g: &[F], m: &mut [F], v: &mut [F], c: &AdamWConsts<F>) -> f64 => adamw_generic
+    /// The fused AdamW pass ([`adamw_element`]) over p, g, m, v of one
+    /// length; returns [`sum_sq`] of the new first moment.
+    fn adamw<F>(p: &mut [F], g: &[F], m: &mut [F], v: &mut [F], c: &AdamWConsts<F>) -> f64 => adamw_generic
 );
 dispatched!(
-    /// y <- y + a x over one block.
-    fn block_axpy<F>(y: &mut [F], a: F, x: &[F]) -> () => axpy_generic
+    /// y <- y + a x.
+    fn axpy<F>(y: &mut [F], a: F, x: &[F]) -> () => axpy_generic
 );
 
 /// acc (r x r, row-major) += X^T Y over the rows of row-major X, Y (n x r),
 /// only b >= a when `sym`. A 4 x 8 tile of f64 accumulators stays in
 /// registers over all rows; each accumulator sums its rows in order.
 #[inline(always)]
-fn gram_cols_span<F: Element>(x: &[F], y: &[F], r: usize, sym: bool, acc: &mut [f64]) {
+fn gram_cols_span<F: Float>(x: &[F], y: &[F], r: usize, sym: bool, acc: &mut [f64]) {
     const TA: usize = 4;
     const TB: usize = 8;
     let n = x.len() / r;
@@ -185,7 +190,7 @@ fn gram_cols_span<F: Element>(x: &[F], y: &[F], r: usize, sym: bool, acc: &mut [
 
 /// sum_j x_j y_j in f64 with [`DOT_LANES`] partial sums, combined in order.
 #[inline(always)]
-fn dot_generic<F: Element>(x: &[F], y: &[F]) -> f64 {
+fn dot_generic<F: Float>(x: &[F], y: &[F]) -> f64 {
     let mut acc = [0.0f64; DOT_LANES];
     let (xc, yc) = (x.chunks_exact(DOT_LANES), y.chunks_exact(DOT_LANES));
     let (xr, yr) = (xc.remainder(), yc.remainder());
@@ -200,55 +205,53 @@ fn dot_generic<F: Element>(x: &[F], y: &[F]) -> f64 {
     acc.iter().sum()
 }
 
-dispatched!(fn gram_cols_span_d<F>(x: &[F], y: &[F], r: usize, sym: bool, acc: &mut [f64]) -> () => gram_cols_span);
-dispatched!(fn dot_d<F>(x: &[F], y: &[F]) -> f64 => dot_generic);
+dispatched!(
+    /// acc (r x r, row-major) += X^T Y for row-major X, Y of n x r; only
+    /// the upper triangle (b >= a) when `sym`.
+    fn gram_cols_acc<F>(x: &[F], y: &[F], r: usize, sym: bool, acc: &mut [f64]) -> () => gram_cols_span
+);
+dispatched!(
+    /// sum_j x_j y_j in f64, in 16 lanes combined in a fixed order.
+    fn dot<F>(x: &[F], y: &[F]) -> f64 => dot_generic
+);
+
+/// Fills the lower triangle of a row-major r x r matrix from the upper.
+pub fn mirror_upper(acc: &mut [f64], r: usize) {
+    for a in 0..r {
+        for b in 0..a {
+            acc[a * r + b] = acc[b * r + a];
+        }
+    }
+}
 
 /// X^T Y (r x r, row-major, f64) for row-major X, Y of n x r. When `sym`
 /// (X is Y) only the upper triangle is computed and then mirrored.
-pub(crate) fn gram_cols<F: Element>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
-    if r == 0 {
-        return Vec::new();
+pub fn gram_cols<F: Float>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
+    let mut acc = vec![0.0f64; r * r];
+    if r > 0 {
+        gram_cols_acc(x, y, r, sym, &mut acc);
     }
-    let n = x.len() / r;
-    let span = |lo: usize, hi: usize| {
-        let mut acc = vec![0.0f64; r * r];
-        gram_cols_span_d(&x[lo * r..hi * r], &y[lo * r..hi * r], r, sym, &mut acc);
-        acc
-    };
-    let mut acc = if n >= GRAM_SPLIT_ROWS {
-        let (a, b) = rayon::join(|| span(0, n / 2), || span(n / 2, n));
-        a.iter().zip(&b).map(|(a, b)| a + b).collect()
-    } else {
-        span(0, n)
-    };
     if sym {
-        for a in 0..r {
-            for b in 0..a {
-                acc[a * r + b] = acc[b * r + a];
-            }
-        }
+        mirror_upper(&mut acc, r);
     }
     acc
 }
 
-/// X Y^T (r x r, row-major, f64) for row-major X, Y of r x n: r^2 dot
-/// products (r (r + 1) / 2 when `sym`), in parallel over the pairs when
-/// there is enough work.
-pub(crate) fn gram_rows<F: Element>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
-    use rayon::prelude::*;
+/// X Y^T (r x r, row-major, f64) for row-major X, Y of r x n: r^2 [`dot`]s,
+/// r (r + 1) / 2 when `sym` (X is Y).
+pub fn gram_rows<F: Float>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
+    let mut out = vec![0.0f64; r * r];
     if r == 0 {
-        return Vec::new();
+        return out;
     }
     let n = x.len() / r;
-    let pairs: Vec<(usize, usize)> = (0..r).flat_map(|a| (if sym { a } else { 0 }..r).map(move |b| (a, b))).collect();
-    let dot = |&(a, b): &(usize, usize)| dot_d(&x[a * n..(a + 1) * n], &y[b * n..(b + 1) * n]);
-    let vals: Vec<f64> = if pairs.len() * n >= 1 << 16 { pairs.par_iter().map(dot).collect() } else { pairs.iter().map(dot).collect() };
-    let mut out = vec![0.0f64; r * r];
-    for (&(a, b), v) in pairs.iter().zip(vals) {
-        out[a * r + b] = v;
-        if sym {
-            out[b * r + a] = v;
+    for a in 0..r {
+        for b in if sym { a } else { 0 }..r {
+            out[a * r + b] = dot(&x[a * n..(a + 1) * n], &y[b * n..(b + 1) * n]);
         }
+    }
+    if sym {
+        mirror_upper(&mut out, r);
     }
     out
 }
@@ -256,7 +259,7 @@ pub(crate) fn gram_rows<F: Element>(x: &[F], y: &[F], r: usize, sym: bool) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mgpo_core::AdamWStep;
+    use crate::ops::AdamWStep;
 
     fn filled(n: usize, seed: u32) -> Vec<f32> {
         let mut x = seed;
@@ -277,25 +280,24 @@ mod tests {
         let (g, m0, v0) = (filled(n, 2), filled(n, 3), filled(n, 4).iter().map(|x| x.abs()).collect::<Vec<_>>());
         let (mut p1, mut m1, mut v1) = (filled(n, 1), m0.clone(), v0.clone());
         let (mut p2, mut m2, mut v2) = (p1.clone(), m0, v0);
-        let s1 = block_adamw(&mut p1, &g, &mut m1, &mut v1, &c);
+        let s1 = adamw(&mut p1, &g, &mut m1, &mut v1, &c);
         let s2 = adamw_generic(&mut p2, &g, &mut m2, &mut v2, &c);
         assert_eq!(s1.to_bits(), s2.to_bits(), "isa {:?}", isa());
         assert!(p1 == p2 && m1 == m2 && v1 == v2);
-        assert_eq!(block_sum_sq(&g).to_bits(), sum_sq_generic(&g).to_bits());
+        assert_eq!(sum_sq(&g).to_bits(), sum_sq_generic(&g).to_bits());
         let r = 8;
         let rows = n / r;
         let (x, y) = (&g[..rows * r], &p1[..rows * r]);
         let mut a = vec![0.0; r * r];
         let mut b = vec![0.0; r * r];
-        gram_cols_span_d(x, y, r, false, &mut a);
+        gram_cols_acc(x, y, r, false, &mut a);
         gram_cols_span(x, y, r, false, &mut b);
         assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
-        assert_eq!(dot_d(x, y).to_bits(), dot_generic(x, y).to_bits());
+        assert_eq!(dot(x, y).to_bits(), dot_generic(x, y).to_bits());
     }
 
     /// X^T Y and X Y^T against a plain f64 product, symmetric or not, for
-    /// ranks that do and do not fill the 4 x 8 tile, below and above the
-    /// parallel split.
+    /// ranks that do and do not fill the 4 x 8 tile.
     #[test]
     fn grams_match_a_plain_f64_product() {
         for (n, r) in [(37usize, 3usize), (5, 1), (9000, 8), (130, 13), (0, 4)] {
