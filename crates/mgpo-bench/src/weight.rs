@@ -14,7 +14,6 @@
 //!   again to subtract it after the backward pass, and the gradient image
 //!   is built to take its norm.
 
-use mgpo_core::lowrank::sum_of_products_sq;
 use mgpo_core::{HostIo, TensorOps};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, Zip};
@@ -87,8 +86,8 @@ impl<B: TensorOps + HostIo> RankDecomposed<B> {
     /// Both norms of a step: (||s (m_B A + B m_A)||, ||s (g_B A + B g_A)||).
     pub fn norms(&self) -> Result<(f64, f64), String> {
         let s2 = self.scale * self.scale;
-        let d = s2 * sum_of_products_sq(&self.be, &self.mb, &self.a, &self.b, &self.ma).map_err(err)?;
-        let g = s2 * sum_of_products_sq(&self.be, &self.gb, &self.a, &self.b, &self.ga).map_err(err)?;
+        let d = s2 * self.be.low_rank_norm_sq(&self.mb, &self.a, &self.b, &self.ma).map_err(err)?;
+        let g = s2 * self.be.low_rank_norm_sq(&self.gb, &self.a, &self.b, &self.ga).map_err(err)?;
         Ok((d.sqrt(), g.sqrt()))
     }
 

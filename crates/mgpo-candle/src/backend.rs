@@ -369,6 +369,30 @@ impl LowRank for CandleBackend {
             }
         }
     }
+
+    /// Forms [P R] [Q; S] with candle's matrix product where that is
+    /// cheaper than the Gram matrices ([`mgpo_core::materialise_is_cheaper`]:
+    /// small layers at high rank, where the product is no larger than the
+    /// adapter); its sum of squares is taken in f64.
+    fn low_rank_norm_sq(&self, p: &Tensor, q: &Tensor, r: &Tensor, s: &Tensor) -> Result<f64> {
+        let (out, rank) = matrix(p, "P")?;
+        let (qr, inp) = matrix(q, "Q")?;
+        same_shape(p, r, "R")?;
+        same_shape(q, s, "S")?;
+        if qr != rank {
+            return Err(MgpoError::Backend(format!("low_rank_norm_sq: P {:?} x Q {:?} does not fit", (out, rank), (qr, inp))));
+        }
+        if !mgpo_core::materialise_is_cheaper(out, inp, rank) {
+            return mgpo_core::lowrank::sum_of_products_sq(self, p, q, r, s);
+        }
+        let d = (|| {
+            let left = Tensor::cat(&[&p.detach(), &r.detach()], 1)?;
+            let right = Tensor::cat(&[&q.detach(), &s.detach()], 0)?;
+            left.matmul(&right)
+        })()
+        .map_err(backend_err)?;
+        self.sum_sq(&d)
+    }
 }
 
 impl HostIo for CandleBackend {

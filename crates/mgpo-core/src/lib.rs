@@ -28,6 +28,6 @@ pub use config::{AdamWConfig, Config, Direction, Perturbation, Scope, Space};
 pub use error::{CheckpointError, MgpoError, Result};
 pub use layout::{AdapterInfo, Layout, LayoutBuilder, TensorInfo};
 pub use mgpo::{Group, GroupReport, Mgpo, Moments, State, StepReport, WeightPerturbation};
-pub use ops::{adamw_element, AdamWConsts, AdamWItem, AdamWStep, AxpyItem, FusedUpdate, HostIo, LowRank, Reduce, TensorOps, Tensors};
+pub use ops::{adamw_element, materialise_is_cheaper, AdamWConsts, AdamWItem, AdamWStep, AxpyItem, FusedUpdate, HostIo, LowRank, Reduce, TensorOps, Tensors};
 pub use schedule::WarmupCosine;
 pub use slots::{GradSlots, NoFrozen, Slots};

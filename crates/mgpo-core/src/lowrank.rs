@@ -11,7 +11,7 @@ use crate::ops::LowRank;
 ///
 /// six r x r products, O(r^2 (out + in)) work, no out x in matrix. Clamped
 /// at 0 against rounding when the sum nearly cancels.
-pub fn sum_of_products_sq<B: LowRank>(
+pub fn sum_of_products_sq<B: LowRank + ?Sized>(
     be: &B,
     p: &B::Tensor,
     q: &B::Tensor,

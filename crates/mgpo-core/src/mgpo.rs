@@ -18,7 +18,6 @@ use crate::clip::clip_factor;
 use crate::config::{validate_lr, Config, Perturbation, Scope, Space};
 use crate::error::{MgpoError, Result};
 use crate::layout::Layout;
-use crate::lowrank::sum_of_products_sq;
 use crate::noise;
 use crate::ops::{AdamWItem, AdamWStep, AxpyItem, TensorOps};
 use crate::slots::{GradSlots, Slots};
@@ -389,7 +388,7 @@ impl<B: TensorOps> Mgpo<B> {
                     for &i in &g.members {
                         let ad = &self.layout.adapters[i];
                         let (a, b) = (params.slot(ad.a), params.slot(ad.b));
-                        let f = sum_of_products_sq(&self.backend, &ms[ad.b].m, a, b, &ms[ad.a].m)?;
+                        let f = self.backend.low_rank_norm_sq(&ms[ad.b].m, a, b, &ms[ad.a].m)?;
                         s += ad.scale * ad.scale * f;
                     }
                     s.sqrt()
@@ -432,7 +431,7 @@ impl<B: TensorOps> Mgpo<B> {
                     for &i in &g.members {
                         let ad = &self.layout.adapters[i];
                         let (a, b) = (params.slot(ad.a), params.slot(ad.b));
-                        s += ad.scale * ad.scale * sum_of_products_sq(&self.backend, grads[ad.b], a, b, grads[ad.a])?;
+                        s += ad.scale * ad.scale * self.backend.low_rank_norm_sq(grads[ad.b], a, b, grads[ad.a])?;
                     }
                     s
                 }

@@ -115,6 +115,24 @@ pub trait LowRank: Tensors {
         r: &Self::Tensor,
         s: &Self::Tensor,
     ) -> Result<()>;
+
+    /// ||P Q + R S||_F^2 for P, R of shape out x r and Q, S of shape r x in
+    /// (the weight-space norms of a step). The default takes it through
+    /// r x r Gram matrices ([`crate::lowrank::sum_of_products_sq`]):
+    /// O(r^2 (out + in)) work and no out x in matrix. Where
+    /// out in <= r (out + in) forming P Q + R S is both cheaper and no
+    /// larger than the adapter itself, and a backend with a fast matrix
+    /// product may do that instead.
+    fn low_rank_norm_sq(&self, p: &Self::Tensor, q: &Self::Tensor, r: &Self::Tensor, s: &Self::Tensor) -> Result<f64> {
+        crate::lowrank::sum_of_products_sq(self, p, q, r, s)
+    }
+}
+
+/// Whether forming the out x in product of a rank-`r` pair is cheaper than
+/// its Gram matrices and no larger than the adapter (see
+/// [`LowRank::low_rank_norm_sq`]).
+pub fn materialise_is_cheaper(out: usize, inp: usize, r: usize) -> bool {
+    out.saturating_mul(inp) <= r.saturating_mul(out + inp)
 }
 
 /// Moving tensors to and from the host as f64, for conformance vectors,

@@ -309,6 +309,23 @@ impl<F: Element> LowRank for NdBackend<F> {
         general_mat_mul(c, &r, &s, F::one(), &mut w);
         Ok(())
     }
+
+    /// Forms P Q + R S with ndarray's matrix product where that is cheaper
+    /// than the Grams ([`mgpo_core::materialise_is_cheaper`]: small layers,
+    /// high rank), in f32 or f64; bf16 always takes the Grams, whose sums
+    /// run in f64.
+    fn low_rank_norm_sq(&self, p: &ArrayD<F>, q: &ArrayD<F>, r: &ArrayD<F>, s: &ArrayD<F>) -> Result<f64> {
+        let (pm, qm, rm, sm) = (matrix(p, "P")?, matrix(q, "Q")?, matrix(r, "R")?, matrix(s, "S")?);
+        let (out, inp, rank) = (pm.nrows(), qm.ncols(), pm.ncols());
+        let fits = rm.nrows() == out && sm.ncols() == inp && qm.nrows() == rank && rm.ncols() == sm.nrows();
+        if !fits || std::mem::size_of::<F>() < 4 || !mgpo_core::materialise_is_cheaper(out, inp, rank) {
+            return mgpo_core::lowrank::sum_of_products_sq(self, p, q, r, s);
+        }
+        let mut d = ndarray::Array2::<F>::zeros((out, inp));
+        general_mat_mul(F::one(), &pm, &qm, F::zero(), &mut d);
+        general_mat_mul(F::one(), &rm, &sm, F::one(), &mut d);
+        Ok(d.as_slice().map_or_else(|| sum_sq_iter(d.iter()), cpu::sum_sq))
+    }
 }
 
 impl<F: Element> HostIo for NdBackend<F> {
@@ -398,6 +415,25 @@ mod tests {
                 assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-12 * (1.0 + b.abs())), "sym {sym}");
             }
         }
+    }
+
+    /// The weight-space norm formed as a product (small layer, high rank)
+    /// agrees with the Gram route, in f64 and f32; bf16 keeps the Grams.
+    #[test]
+    fn materialised_norm_matches_the_grams() {
+        let (out, inp, r) = (6, 5, 8);
+        assert!(mgpo_core::materialise_is_cheaper(out, inp, r));
+        let mk = |shape: &[usize], seed: u32| filled(shape.iter().product(), seed).into_shape_with_order(IxDyn(shape)).unwrap().mapv(f64::from);
+        let (p, q, rr, s) = (mk(&[out, r], 1), mk(&[r, inp], 2), mk(&[out, r], 3), mk(&[r, inp], 4));
+        let be = NdBackend::<f64>::new();
+        let want = mgpo_core::lowrank::sum_of_products_sq(&be, &p, &q, &rr, &s).unwrap();
+        let got = be.low_rank_norm_sq(&p, &q, &rr, &s).unwrap();
+        assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        let f = |x: &ArrayD<f64>| x.mapv(|v| v as f32);
+        let got32 = NdBackend::<f32>::new().low_rank_norm_sq(&f(&p), &f(&q), &f(&rr), &f(&s)).unwrap();
+        assert!((got32 - want).abs() <= 1e-5 * want, "{got32} vs {want}");
+        let bad = be.low_rank_norm_sq(&p, &mk(&[r + 1, inp], 2), &rr, &s);
+        assert!(matches!(bad, Err(MgpoError::Backend(_))));
     }
 
     /// A shape mismatch anywhere in a batch is an error before any tensor moves.
