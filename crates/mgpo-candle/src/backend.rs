@@ -194,6 +194,21 @@ impl CandleBackend {
         })
     }
 
+    /// y_i <- y_i + alpha z_i, z_i = gaussian(seed, i) drawn in place, in
+    /// the element order of mgpo-ndarray (same bits).
+    fn axpy_noise_cpu<E: CpuFloat>(&self, y: &Tensor, alpha: f64, seed: u64) -> Result<()> {
+        let par = y.elem_count() >= self.par_threshold;
+        with_mut::<E, _>(y, "y", |ys| {
+            let add = |i: usize, y: &mut E| *y = *y + E::from(alpha * mgpo_core::noise::gaussian(seed, i as u64)).unwrap_or_else(E::nan);
+            if par {
+                ys.par_chunks_mut(CHUNK).enumerate().for_each(|(b, c)| c.iter_mut().enumerate().for_each(|(j, y)| add(b * CHUNK + j, y)));
+            } else {
+                ys.iter_mut().enumerate().for_each(|(i, y)| add(i, y));
+            }
+            Ok(())
+        })
+    }
+
     fn sum_sq_cpu<E: CpuFloat>(&self, t: &Tensor) -> Result<f64> {
         let par = t.elem_count() >= self.par_threshold;
         with_refs::<E, _>(&[t], "tensor", |x| Ok(sum_sq_slice(x[0], par)))
@@ -278,7 +293,11 @@ impl Reduce for CandleBackend {
 
 impl FusedUpdate for CandleBackend {
     fn axpy_noise(&self, y: &mut Tensor, alpha: f64, seed: u64) -> Result<()> {
-        mgpo_core::noise::axpy_noise_via_host(self, y, alpha, seed)
+        match self.cpu_kind(&[y])? {
+            Some(DType::F32) => self.axpy_noise_cpu::<f32>(y, alpha, seed),
+            Some(_) => self.axpy_noise_cpu::<f64>(y, alpha, seed),
+            None => mgpo_core::noise::axpy_noise_via_host(self, y, alpha, seed),
+        }
     }
 
     fn axpy(&self, y: &mut Tensor, alpha: f64, x: &Tensor) -> Result<()> {

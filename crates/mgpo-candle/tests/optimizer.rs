@@ -334,3 +334,22 @@ fn low_rank_norm_sq_matches_its_definition_in_both_regimes() {
         assert!(matches!(bad, Err(MgpoError::Backend(_))));
     }
 }
+
+/// The Gaussian direction is drawn in place on the CPU, element i getting
+/// y_i + f32(alpha * gaussian(seed, i)), as every CPU backend; the device
+/// path (noise made on the host) agrees to rounding.
+#[test]
+fn gaussian_axpy_is_drawn_in_place_with_the_reference_bits() {
+    let (n, alpha, seed) = (70_000usize, 0.3, 99u64);
+    let y0 = det(n, 5);
+    let want: Vec<f32> = y0.iter().enumerate().map(|(i, &y)| y as f32 + (alpha * mgpo_core::noise::gaussian(seed, i as u64)) as f32).collect();
+    for be in [cpu_f32(), CandleBackend { par_threshold: usize::MAX, ..cpu_f32() }] {
+        let mut y = be.from_f64(&[n], &y0).unwrap();
+        be.axpy_noise(&mut y, alpha, seed).unwrap();
+        assert_eq!(y.to_vec1::<f32>().unwrap(), want);
+    }
+    let be = CandleBackend { cpu_kernels: false, ..cpu_f32() };
+    let mut y = be.from_f64(&[n], &y0).unwrap();
+    be.axpy_noise(&mut y, alpha, seed).unwrap();
+    assert!(y.to_vec1::<f32>().unwrap().iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-6 * (1.0 + b.abs())));
+}

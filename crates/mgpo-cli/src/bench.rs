@@ -131,6 +131,11 @@ pub fn run(args: BenchArgs) -> Result<bool, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot locate the mgpo binary for the RSS probes: {e}"))?;
     opts.probe_cmd = Some(vec![exe.into_os_string(), "bench".into()]);
 
+    // The output directory is made before measuring, so a bad path fails
+    // in a second rather than after the whole run.
+    if let Some(dir) = args.json_out.as_deref().and_then(std::path::Path::parent).filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     let report = mgpo_bench::run(&opts)?;
     let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
     if let Some(path) = &args.json_out {
