@@ -377,12 +377,17 @@ fn steps_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>,
                 state.push(StateRow { variant: v.name().into(), size: b.state_size(4) });
             }
         }
-        // mgpo-ndarray's AdamW pass alone (`adamw_many`), over the same tensors.
+        // mgpo-ndarray's AdamW pass alone over the same tensors: batched
+        // (`adamw_many`, one parallel region, what a step runs) and one
+        // tensor at a time (`adamw`, a region per tensor, as before the
+        // batched methods).
         if opts.backends.iter().any(|b| b == "ndarray") {
-            let mut k = KernelBench::new(shape)?;
-            let mut it = Item::new("steps", "ndarray", "adamw-kernel", shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || k.run())));
-            it.bytes_per_param = Some(28.0);
-            items.push(it);
+            for (variant, batched) in [("adamw-kernel", true), ("adamw-kernel-per-tensor", false)] {
+                let mut k = KernelBench::new(shape)?;
+                let mut it = Item::new("steps", "ndarray", variant, shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || k.run(batched))));
+                it.bytes_per_param = Some(28.0);
+                items.push(it);
+            }
         }
         if let Some(p) = peer {
             for v in PEER_STEP_VARIANTS {
@@ -426,13 +431,21 @@ impl KernelBench {
         Ok(KernelBench { p: t.params, g: t.grads, m, v })
     }
 
-    /// One AdamW pass over every tensor, as `Mgpo::step` runs it.
-    fn run(&mut self) -> Result<(), String> {
+    /// One AdamW pass over every tensor: all at once (`adamw_many`, as
+    /// `Mgpo::step` runs it) or tensor by tensor (`adamw`).
+    fn run(&mut self, batched: bool) -> Result<(), String> {
         use mgpo_core::{AdamWItem, FusedUpdate};
         let k = mgpo_core::AdamWStep { unperturb: 0.0, decay: 1.0, grad_scale: 1.0, beta1: 0.9, beta2: 0.999, step_size: 1e-4, bias2_sqrt: 0.5, eps: 1e-8 };
+        let be = mgpo_ndarray::NdBackend::<f32>::new();
         let mut items: Vec<AdamWItem<'_, ndarray::ArrayD<f32>>> =
             self.p.iter_mut().zip(&self.g).zip(self.m.iter_mut().zip(&mut self.v)).map(|((p, g), (m, v))| AdamWItem { p, g, m, v, k }).collect();
-        std::hint::black_box(mgpo_ndarray::NdBackend::<f32>::new().adamw_many(&mut items).map_err(|e| e.to_string())?);
+        if batched {
+            std::hint::black_box(be.adamw_many(&mut items).map_err(|e| e.to_string())?);
+        } else {
+            for it in &mut items {
+                std::hint::black_box(be.adamw(it.p, it.g, it.m, it.v, &k).map_err(|e| e.to_string())?);
+            }
+        }
         Ok(())
     }
 }

@@ -82,6 +82,8 @@ pub fn probe(kind: &str, params: usize, dim: usize, rank: usize, steps: usize) -
         }
         count = shape.params();
     } else if let Some(w) = kind.strip_prefix("weight:") {
+        // One value per probe process: its size does not matter.
+        #[allow(clippy::large_enum_variant)]
         enum Case {
             None,
             Ours(RankDecomposed<NdBackend<f32>>),

@@ -38,7 +38,8 @@ pub fn targets(r: &Report, opts: &Options) -> Vec<Target> {
     // The largest size that ran (1e7 by default).
     let top = r.rows.iter().filter(|x| x.section == "steps" && x.backend == "ndarray" && x.variant == "mgpo-adapter").map(|x| x.params).max();
     if let Some(n) = top {
-        for b in ["ndarray"] {
+        {
+            let b = "ndarray";
             let ours = find(r, "steps", b, "mgpo-adapter", Some(n));
             if let (Some(o), Some(t)) = (ours, find(r, "steps", "torch", "adamw-fused", Some(n))) {
                 out.push(target(
@@ -99,7 +100,8 @@ pub fn targets(r: &Report, opts: &Options) -> Vec<Target> {
     if let Some(&rank) = opts.weight_ranks.first() {
         let d = opts.weight_dim;
         let n = 2 * d * rank;
-        for b in ["ndarray"] {
+        {
+            let b = "ndarray";
             if let (Some(o), Some(t)) = (find(r, "weight", b, "rank-decomposed-in-place", Some(n)), find(r, "weight", "torch", "materialised-authors", Some(n))) {
                 out.push(target(
                     format!("weight space {d}x{d} r {rank}: torch materialised / {b} rank-decomposed (norms + in-place updates)"),
