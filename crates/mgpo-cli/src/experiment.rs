@@ -14,7 +14,7 @@ use mgpo_experiments::{backend, run_sweep, Method, SweepSpec};
 /// Options shared by both commands.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Common {
-    /// Backend: candle (default, pure Rust) or dfdx (with the dfdx feature of mgpo-experiments, on by default).
+    /// Backend: candle (default, pure Rust), dfdx (the CLI's dfdx feature, on by default) or tch (the tch feature; needs libtorch).
     #[arg(long, default_value = "candle")]
     pub backend: String,
     /// Where the base networks are cached (safetensors).

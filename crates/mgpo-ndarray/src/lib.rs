@@ -260,31 +260,28 @@ fn gram_rows<F: Element>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
     out
 }
 
+/// A Gram kernel of two matrices of one shape, run on their row-major
+/// slices; `rank_axis` is the axis of length r.
+fn gram_of<F: Element>(x: &ArrayD<F>, y: &ArrayD<F>, what: &str, rank_axis: usize, kernel: fn(&[F], &[F], usize, bool) -> Vec<f64>) -> Result<Vec<f64>> {
+    let (xm, ym) = (matrix(x, what)?, matrix(y, what)?);
+    if xm.dim() != ym.dim() {
+        return Err(MgpoError::Backend(format!("{what}: {:?} vs {:?}", xm.dim(), ym.dim())));
+    }
+    let r = xm.shape()[rank_axis];
+    let (xs, ys) = (xm.as_standard_layout(), ym.as_standard_layout());
+    let (Some(xs), Some(ys)) = (xs.as_slice(), ys.as_slice()) else {
+        return Err(MgpoError::Backend(format!("{what}: not contiguous")));
+    };
+    Ok(kernel(xs, ys, r, std::ptr::eq(x, y)))
+}
+
 impl<F: Element> LowRank for NdBackend<F> {
     fn gram_cols(&self, x: &ArrayD<F>, y: &ArrayD<F>) -> Result<Vec<f64>> {
-        let (xm, ym) = (matrix(x, "gram_cols X")?, matrix(y, "gram_cols Y")?);
-        if xm.dim() != ym.dim() {
-            return Err(MgpoError::Backend(format!("gram_cols: {:?} vs {:?}", xm.dim(), ym.dim())));
-        }
-        let r = xm.ncols();
-        let (xs, ys) = (xm.as_standard_layout(), ym.as_standard_layout());
-        let (Some(xs), Some(ys)) = (xs.as_slice(), ys.as_slice()) else {
-            return Err(MgpoError::Backend("gram_cols: not contiguous".into()));
-        };
-        Ok(gram_cols(xs, ys, r, std::ptr::eq(x, y)))
+        gram_of(x, y, "gram_cols", 1, gram_cols)
     }
 
     fn gram_rows(&self, x: &ArrayD<F>, y: &ArrayD<F>) -> Result<Vec<f64>> {
-        let (xm, ym) = (matrix(x, "gram_rows X")?, matrix(y, "gram_rows Y")?);
-        if xm.dim() != ym.dim() {
-            return Err(MgpoError::Backend(format!("gram_rows: {:?} vs {:?}", xm.dim(), ym.dim())));
-        }
-        let r = xm.nrows();
-        let (xs, ys) = (xm.as_standard_layout(), ym.as_standard_layout());
-        let (Some(xs), Some(ys)) = (xs.as_slice(), ys.as_slice()) else {
-            return Err(MgpoError::Backend("gram_rows: not contiguous".into()));
-        };
-        Ok(gram_rows(xs, ys, r, std::ptr::eq(x, y)))
+        gram_of(x, y, "gram_rows", 0, gram_rows)
     }
 
     fn add_low_rank(&self, w: &mut ArrayD<F>, c: f64, p: &ArrayD<F>, q: &ArrayD<F>, r: &ArrayD<F>, s: &ArrayD<F>) -> Result<()> {
