@@ -38,35 +38,31 @@ pub fn targets(r: &Report, opts: &Options) -> Vec<Target> {
     // The largest size that ran (1e7 by default).
     let top = r.rows.iter().filter(|x| x.section == "steps" && x.backend == "ndarray" && x.variant == "mgpo-adapter").map(|x| x.params).max();
     if let Some(n) = top {
-        {
-            let b = "ndarray";
-            let ours = find(r, "steps", b, "mgpo-adapter", Some(n));
-            if let (Some(o), Some(t)) = (ours, find(r, "steps", "torch", "adamw-fused", Some(n))) {
-                out.push(target(
-                    format!("{b} MGPO adapter step / torch fused AdamW step, {n} params"),
-                    med(o) / med(t),
-                    "<=",
-                    1.0,
-                    format!("{:.3} ms vs {:.3} ms (medians, alternated in one run)", med(o) * 1e3, med(t) * 1e3),
-                ));
-            }
-            if let Some(f) = ours.and_then(|o| o.frac_bound.map(|f| (o, f))) {
-                let (o, f) = f;
-                out.push(target(
-                    format!("{b} MGPO adapter step, fraction of the bandwidth bound, {n} params"),
-                    f,
-                    ">=",
-                    0.70,
-                    format!(
-                        "{:.1} GB/s at {} bytes/param vs the streaming kernel; of the 28-byte AdamW bound: {:.0}%",
-                        o.gbps.unwrap_or(f64::NAN),
-                        o.bytes_per_param.unwrap_or(f64::NAN),
-                        100.0 * o.frac_adamw_bound.unwrap_or(f64::NAN)
-                    ),
-                ));
-            }
-        }
         let ours = find(r, "steps", "ndarray", "mgpo-adapter", Some(n));
+        if let (Some(o), Some(t)) = (ours, find(r, "steps", "torch", "adamw-fused", Some(n))) {
+            out.push(target(
+                format!("ndarray MGPO adapter step / torch fused AdamW step, {n} params"),
+                med(o) / med(t),
+                "<=",
+                1.0,
+                format!("{:.3} ms vs {:.3} ms (medians, alternated in one run)", med(o) * 1e3, med(t) * 1e3),
+            ));
+        }
+        if let Some(f) = ours.and_then(|o| o.frac_bound.map(|f| (o, f))) {
+            let (o, f) = f;
+            out.push(target(
+                format!("ndarray MGPO adapter step, fraction of the bandwidth bound, {n} params"),
+                f,
+                ">=",
+                0.70,
+                format!(
+                    "{:.1} GB/s at {} bytes/param vs the streaming kernel; of the 28-byte AdamW bound: {:.0}%",
+                    o.gbps.unwrap_or(f64::NAN),
+                    o.bytes_per_param.unwrap_or(f64::NAN),
+                    100.0 * o.frac_adamw_bound.unwrap_or(f64::NAN)
+                ),
+            ));
+        }
         for b in &opts.backends {
             let Some(a) = find(r, "steps", b, "adamw", Some(n)) else { continue };
             for v in ["mgpo-adapter", "mgpo-weight"] {
@@ -100,17 +96,14 @@ pub fn targets(r: &Report, opts: &Options) -> Vec<Target> {
     if let Some(&rank) = opts.weight_ranks.first() {
         let d = opts.weight_dim;
         let n = 2 * d * rank;
-        {
-            let b = "ndarray";
-            if let (Some(o), Some(t)) = (find(r, "weight", b, "rank-decomposed-in-place", Some(n)), find(r, "weight", "torch", "materialised-authors", Some(n))) {
-                out.push(target(
-                    format!("weight space {d}x{d} r {rank}: torch materialised / {b} rank-decomposed (norms + in-place updates)"),
-                    med(t) / med(o),
-                    ">=",
-                    5.0,
-                    format!("{:.2} ms vs {:.2} ms", med(t) * 1e3, med(o) * 1e3),
-                ));
-            }
+        if let (Some(o), Some(t)) = (find(r, "weight", "ndarray", "rank-decomposed-in-place", Some(n)), find(r, "weight", "torch", "materialised-authors", Some(n))) {
+            out.push(target(
+                format!("weight space {d}x{d} r {rank}: torch materialised / ndarray rank-decomposed (norms + in-place updates)"),
+                med(t) / med(o),
+                ">=",
+                5.0,
+                format!("{:.2} ms vs {:.2} ms", med(t) * 1e3, med(o) * 1e3),
+            ));
         }
         if let Some(p) = r.rss.iter().find(|x| x.side == "ours" && x.probe.kind == "weight:ours") {
             let w0 = (d * d * 4) as f64;
