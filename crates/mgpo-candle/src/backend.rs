@@ -183,11 +183,10 @@ impl CandleBackend {
         with_mut::<E, _>(y, "y", |ys| {
             with_refs::<E, _>(&[x], "x", |xs| {
                 let xs = xs[0];
-                let body = |y: &mut [E], x: &[E]| y.iter_mut().zip(x).for_each(|(y, &x)| *y = *y + a * x);
                 if par {
-                    ys.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(y, x)| body(y, x));
+                    ys.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(y, x)| kernels::axpy(y, a, x));
                 } else {
-                    body(ys, xs);
+                    kernels::axpy(ys, a, xs);
                 }
                 Ok(())
             })
@@ -199,11 +198,10 @@ impl CandleBackend {
     fn axpy_noise_cpu<E: CpuFloat>(&self, y: &Tensor, alpha: f64, seed: u64) -> Result<()> {
         let par = y.elem_count() >= self.par_threshold;
         with_mut::<E, _>(y, "y", |ys| {
-            let add = |i: usize, y: &mut E| *y = *y + E::from(alpha * mgpo_core::noise::gaussian(seed, i as u64)).unwrap_or_else(E::nan);
             if par {
-                ys.par_chunks_mut(CHUNK).enumerate().for_each(|(b, c)| c.iter_mut().enumerate().for_each(|(j, y)| add(b * CHUNK + j, y)));
+                ys.par_chunks_mut(CHUNK).enumerate().for_each(|(b, c)| kernels::axpy_noise(c, alpha, seed, b * CHUNK));
             } else {
-                ys.iter_mut().enumerate().for_each(|(i, y)| add(i, y));
+                kernels::axpy_noise(ys, alpha, seed, 0);
             }
             Ok(())
         })

@@ -215,6 +215,16 @@ dispatched!(
     fn dot<F>(x: &[F], y: &[F]) -> f64 => dot_generic
 );
 
+/// y_j <- y_j + F(alpha z_{first + j}) with z_i = [`crate::noise::gaussian`]`(seed, i)`:
+/// the random-direction perturbation over a slice whose first element has
+/// row-major index `first` in its tensor (so blocks give the whole
+/// tensor's bits).
+pub fn axpy_noise<F: Float>(y: &mut [F], alpha: f64, seed: u64, first: usize) {
+    for (j, y) in y.iter_mut().enumerate() {
+        *y = *y + F::from(alpha * crate::noise::gaussian(seed, (first + j) as u64)).unwrap_or_else(F::nan);
+    }
+}
+
 /// Fills the lower triangle of a row-major r x r matrix from the upper.
 pub fn mirror_upper(acc: &mut [f64], r: usize) {
     for a in 0..r {

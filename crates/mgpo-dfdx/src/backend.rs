@@ -231,9 +231,7 @@ impl<E: Element> FusedUpdate for DfdxBackend<E> {
     }
 
     fn axpy_noise(&self, y: &mut DfTensor<E>, alpha: f64, seed: u64) -> Result<()> {
-        for (i, y) in y.as_mut_slice().iter_mut().enumerate() {
-            *y += elem::<E>(alpha * mgpo_core::noise::gaussian(seed, i as u64));
-        }
+        kernels::axpy_noise(y.as_mut_slice(), alpha, seed, 0);
         Ok(())
     }
 

@@ -149,13 +149,11 @@ impl<F: Element> FusedUpdate for NdBackend<F> {
     }
 
     fn axpy_noise(&self, y: &mut ArrayD<F>, alpha: f64, seed: u64) -> Result<()> {
-        let add = |i: usize, y: &mut F| *y = *y + F::from(alpha * gaussian(seed, i as u64)).unwrap_or_else(F::nan);
         let len = y.len();
         match y.as_slice_mut() {
-            Some(ys) if self.parallel(len) => ys.par_chunks_mut(BLOCK).enumerate().for_each(|(b, c)| {
-                c.iter_mut().enumerate().for_each(|(j, y)| add(b * BLOCK + j, y));
-            }),
-            _ => y.iter_mut().enumerate().for_each(|(i, y)| add(i, y)),
+            Some(ys) if self.parallel(len) => ys.par_chunks_mut(BLOCK).enumerate().for_each(|(b, c)| cpu::axpy_noise(c, alpha, seed, b * BLOCK)),
+            Some(ys) => cpu::axpy_noise(ys, alpha, seed, 0),
+            None => y.iter_mut().enumerate().for_each(|(i, y)| *y = *y + F::from(alpha * gaussian(seed, i as u64)).unwrap_or_else(F::nan)),
         }
         Ok(())
     }
