@@ -161,11 +161,11 @@ impl Reduce for TchBackend {
 }
 
 impl FusedUpdate for TchBackend {
-    /// y <- y + alpha x: one `addcmul_` with alpha as a 0-dim tensor.
     fn axpy_noise(&self, y: &mut Tensor, alpha: f64, seed: u64) -> Result<()> {
         mgpo_core::noise::axpy_noise_via_host(self, y, alpha, seed)
     }
 
+    /// y <- y + alpha x: one `addcmul_` with alpha as a 0-dim tensor.
     fn axpy(&self, y: &mut Tensor, alpha: f64, x: &Tensor) -> Result<()> {
         check_alike("axpy", y, &[x], true)?;
         let _g = tch::no_grad_guard();
