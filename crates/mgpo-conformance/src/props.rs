@@ -3,7 +3,8 @@
 //! that run a backend step by step against the float64 [`Reference`] or
 //! against another backend.
 
-use mgpo_core::{AdamWConfig, Config, Direction, HostIo, Layout, Mgpo, Perturbation, Scope, Space, TensorOps};
+use mgpo_core::backend::{HostIo, TensorOps};
+use mgpo_core::{AdamWConfig, Config, Direction, Layout, Mgpo, Perturbation, Scope, Space};
 use proptest::prelude::*;
 
 use crate::reference::{Mat, RefAdapter, Reference};
@@ -190,9 +191,11 @@ pub fn case_strategy() -> impl Strategy<Value = Case> {
 
 /// A backend driven through a case: its optimizer and its tensors.
 pub struct CaseRun<B: TensorOps + HostIo> {
+    /// The optimizer.
     pub opt: Mgpo<B>,
-    pub params: Vec<B::Tensor>,
-    pub frozen: Vec<B::Tensor>,
+    /// Every tensor by name, in the order of `opt.layout().names()`: the
+    /// trainable ones, then W0 in weight space.
+    pub tensors: Vec<(String, B::Tensor)>,
 }
 
 /// One observation after each phase of a step, as f64.
@@ -209,23 +212,25 @@ impl<B: TensorOps + HostIo + Clone> CaseRun<B> {
     pub fn new(be: &B, case: &Case) -> Result<Self, String> {
         let e = |e: mgpo_core::MgpoError| e.to_string();
         let opt = Mgpo::new(be.clone(), case.config, case.layout().map_err(e)?).map_err(e)?;
-        let params = case.trainable().iter().map(|(s, d)| be.from_f64(s, d)).collect::<Result<_, _>>().map_err(e)?;
-        let frozen = if case.config.space == Space::Weight {
-            case.adapters.iter().map(|a| be.from_f64(&[a.fan_out, a.fan_in], &a.w0)).collect::<Result<_, _>>().map_err(e)?
-        } else {
-            Vec::new()
-        };
-        Ok(CaseRun { opt, params, frozen })
+        let mut values: Vec<B::Tensor> = case.trainable().iter().map(|(s, d)| be.from_f64(s, d)).collect::<Result<_, _>>().map_err(e)?;
+        if case.config.space == Space::Weight {
+            for a in &case.adapters {
+                values.push(be.from_f64(&[a.fan_out, a.fan_in], &a.w0).map_err(e)?);
+            }
+        }
+        let tensors = opt.layout().names().map(str::to_string).zip(values).collect();
+        Ok(CaseRun { opt, tensors })
     }
 
     fn host(&self, skipped: bool) -> Result<Snapshot, String> {
         let be = self.opt.backend();
-        let conv = |xs: &[B::Tensor]| xs.iter().map(|x| be.to_f64(x)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string());
-        Ok(Snapshot { params: conv(&self.params)?, frozen: conv(&self.frozen)?, g_bar: self.opt.state().g_bar.clone(), skipped })
+        let mut params = self.tensors.iter().map(|(_, x)| be.to_f64(x)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+        let frozen = params.split_off(self.opt.layout().tensors().len());
+        Ok(Snapshot { params, frozen, g_bar: self.opt.state().g_bar.clone(), skipped })
     }
 
     fn perturb(&mut self) -> Result<Snapshot, String> {
-        self.opt.perturb(&mut self.params, &mut self.frozen).map_err(|e| e.to_string())?;
+        self.opt.perturb(&mut self.tensors).map_err(|e| e.to_string())?;
         self.host(false)
     }
 
@@ -243,9 +248,14 @@ impl<B: TensorOps + HostIo + Clone> CaseRun<B> {
     fn step(&mut self, s: &CaseStep) -> Result<Snapshot, String> {
         self.opt.set_lr(s.lr).map_err(|e| e.to_string())?;
         let be = self.opt.backend().clone();
-        let shapes: Vec<Vec<usize>> = self.params.iter().map(|p| be.shape(p)).collect();
-        let grads = s.grads.iter().zip(&shapes).map(|(g, sh)| be.from_f64(sh, g)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
-        let rep = self.opt.step(&mut self.params, &mut self.frozen, &grads).map_err(|e| e.to_string())?;
+        let grads = s
+            .grads
+            .iter()
+            .zip(self.opt.layout().tensors())
+            .map(|(g, info)| be.from_f64(&info.shape, g).map(|g| (info.name.clone(), g)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let rep = self.opt.step(&mut self.tensors, &grads).map_err(|e| e.to_string())?;
         self.host(rep.skipped)
     }
 }

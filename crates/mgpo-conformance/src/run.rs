@@ -4,7 +4,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use mgpo_core::{HostIo, Layout, Mgpo, Space, TensorOps};
+use mgpo_core::backend::{HostIo, TensorOps};
+use mgpo_core::{Layout, Mgpo, Space};
 
 use crate::vector::{load_dir, Tolerance, TensorData, Vector};
 
@@ -112,24 +113,31 @@ fn drive<B: TensorOps + HostIo + Clone>(be: &B, v: &Vector, meter: &mut Meter) -
     }
     let mut opt = Mgpo::new(be.clone(), v.config, lb.build()?)?;
     let t = |d: &TensorData| be.from_f64(&d.shape, &d.data);
-    let mut params = Vec::new();
+    let mut values = Vec::new();
     let mut frozen = Vec::new();
     for ad in &v.adapters {
-        params.push(t(&ad.a)?);
-        params.push(t(&ad.b)?);
+        values.push(t(&ad.a)?);
+        values.push(t(&ad.b)?);
         if let (true, Some(w)) = (weight, &ad.w0) {
             frozen.push(t(w)?);
         }
     }
-    let host = |xs: &[B::Tensor]| xs.iter().map(|x| be.to_f64(x)).collect::<mgpo_core::Result<Vec<_>>>();
+    let n_params = values.len();
+    values.extend(frozen);
+    let mut tensors: Vec<(String, B::Tensor)> = opt.layout().names().map(str::to_string).zip(values).collect();
+    let host = |xs: &[(String, B::Tensor)]| -> mgpo_core::Result<(Vec<Vec<f64>>, Vec<Vec<f64>>)> {
+        let mut all = xs.iter().map(|(_, x)| be.to_f64(x)).collect::<mgpo_core::Result<Vec<_>>>()?;
+        let w0 = all.split_off(n_params);
+        Ok((all, w0))
+    };
     let names: Vec<String> = opt.groups().iter().map(|g| g.name.clone()).collect();
 
     for (k, s) in v.steps.iter().enumerate() {
         let step = k + 1;
         opt.set_lr(s.lr.unwrap_or(v.config.adamw.lr))?;
-        let (p0, w0) = (host(&params)?, host(&frozen)?);
-        opt.perturb(&mut params, &mut frozen)?;
-        let (p1, w1) = (host(&params)?, host(&frozen)?);
+        let (p0, w0) = host(&tensors)?;
+        opt.perturb(&mut tensors)?;
+        let (p1, w1) = host(&tensors)?;
         let diff = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| y - x).collect::<Vec<_>>();
         for (i, ad) in v.adapters.iter().enumerate() {
             let Some(e) = s.expect.perturbation.get(&ad.name) else { continue };
@@ -145,13 +153,13 @@ fn drive<B: TensorOps + HostIo + Clone>(be: &B, v: &Vector, meter: &mut Meter) -
         let mut grads = Vec::new();
         for ad in &v.adapters {
             let g = &s.grads[&ad.name];
-            grads.push(t(&g.a)?);
-            grads.push(t(&g.b)?);
+            grads.push((format!("{}.a", ad.name), t(&g.a)?));
+            grads.push((format!("{}.b", ad.name), t(&g.b)?));
         }
-        let report = opt.step(&mut params, &mut frozen, &grads)?;
+        let report = opt.step(&mut tensors, &grads)?;
         meter.flag(&format!("step {step} skipped"), report.skipped, s.expect.skipped);
 
-        let (p2, w2) = (host(&params)?, host(&frozen)?);
+        let (p2, w2) = host(&tensors)?;
         for (i, ad) in v.adapters.iter().enumerate() {
             if let Some(e) = s.expect.params.get(&ad.name) {
                 meter.values("params", &format!("step {step} {}.a", ad.name), &p2[2 * i], &e.a.data);

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::error::{CheckpointError, MgpoError, Result};
 use crate::mgpo::{Mgpo, Moments, State};
-use crate::ops::{HostIo, TensorOps};
+use crate::backend::{HostIo, TensorOps};
 
 /// The `format` metadata value of an optimizer checkpoint.
 pub const FORMAT: &str = "lora-mgpo-optimizer";

@@ -1,5 +1,5 @@
 //! Configuration and the named presets. The serialised form is the one of
-//! the conformance vectors (SPEC.md, "Conformance vectors").
+//! the conformance vectors (docs/spec.md, "Conformance vectors").
 
 use serde::{Deserialize, Serialize};
 
@@ -10,7 +10,9 @@ use crate::error::{check, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
+    /// eps = +rho k d / (n + eps): the paper's equation 3.
     Ascent,
+    /// eps = -rho k d / (n + eps): the authors' trainer.
     Descent,
 }
 
@@ -30,7 +32,9 @@ impl Direction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Space {
+    /// Perturb A and B themselves.
     Adapter,
+    /// Perturb W0 by D = s (m_B A + B m_A).
     Weight,
 }
 
@@ -39,7 +43,9 @@ pub enum Space {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
+    /// One norm and one g_bar over every adapter.
     Global,
+    /// One norm and one g_bar per adapter.
     PerAdapter,
 }
 
@@ -53,17 +59,24 @@ pub enum Perturbation {
     /// Along fresh Gaussian noise of the same norm, rho k (the paper's
     /// Table 4 ablation; adapter space only). The noise of step t is a pure
     /// function of (seed, t, tensor), so runs are reproducible.
-    Gaussian { seed: u64 },
+    Gaussian {
+        /// The seed of the noise stream.
+        seed: u64,
+    },
 }
 
 /// Hyper-parameters of the base optimizer, `torch.optim.AdamW` (non-amsgrad).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct AdamWConfig {
+    /// Learning rate.
     pub lr: f64,
     /// The paper's momentum coefficient mu.
     pub beta1: f64,
+    /// beta2.
     pub beta2: f64,
+    /// AdamW's eps, added to sqrt(v_hat).
     pub eps: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
 }
 
@@ -89,17 +102,21 @@ pub struct Config {
     pub beta: f64,
     /// Guard in norms and reciprocals.
     pub eps: f64,
+    /// Ascent (paper) or descent (trainer).
     pub direction: Direction,
+    /// Adapter space (paper) or weight space (trainer).
     pub space: Space,
+    /// One global group (paper) or one per adapter (trainer).
     pub scope: Scope,
     /// Scale the radius by 1 / g_bar (the paper's adaptive perturbation normalisation).
     pub adaptive_norm: bool,
     /// Upper clamp on 1 / g_bar.
     pub max_inv_scale: Option<f64>,
+    /// The base optimizer's hyper-parameters.
     pub adamw: AdamWConfig,
     /// Global-norm gradient clipping before AdamW, as `clip_grad_norm_`.
     pub max_grad_norm: Option<f64>,
-    /// The perturbation's direction (not part of SPEC's vector format; absent means momentum).
+    /// The perturbation's direction (absent in a vector means momentum).
     #[serde(default, skip_serializing_if = "is_momentum")]
     pub perturbation: Perturbation,
 }

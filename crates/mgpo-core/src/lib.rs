@@ -1,33 +1,49 @@
 //! # mgpo-core
 //!
-//! LoRA-MGPO (arXiv 2502.14538) written once over the [`TensorOps`] traits:
-//! AdamW plus a perturbation of the trainable weights along AdamW's own
-//! first moment, with a radius rho scaled by 1 / EMA of the gradient norm.
-//! The whole algorithm is in [`mgpo`]; backends live in their own crates.
+//! LoRA-MGPO (arXiv 2502.14538): AdamW plus a perturbation of the trainable
+//! weights along AdamW's own first moment, with a radius rho scaled by
+//! 1 / EMA of the gradient norm. The gradient is taken at the perturbed
+//! point, the move is undone and AdamW steps; unlike SAM there is no second
+//! backward pass. `docs/spec.md` in the repository is the exact definition.
+//!
+//! The whole algorithm is [`Mgpo`] (`mgpo.rs`), written once over the small
+//! capability traits of [`backend`]; each framework has its own crate
+//! (`mgpo-ndarray`, `mgpo-candle`, `mgpo-tch`, `mgpo-dfdx`, `mgpo-burn`).
+//! Tensors are handed over by name, in registration order:
 //!
 //! ```text
-//! opt.perturb(&mut params, &mut frozen)?;   // theta <- theta + eps_t
+//! opt.perturb(&mut tensors)?;                        // theta <- theta + eps_t
 //! let grads = /* forward + backward at the perturbed point */;
-//! let report = opt.step(&mut params, &mut frozen, &grads)?;  // remove eps_t, AdamW
+//! let report = opt.step(&mut tensors, &grads)?;      // remove eps_t, AdamW
 //! ```
+//!
+//! The root holds what a user of the optimizer needs: [`Mgpo`], its
+//! [`Config`] and presets, the [`Layout`] of named tensors with parameter
+//! groups, [`StepReport`], [`State`], errors, the [`WarmupCosine`] schedule,
+//! the shared [`LoraConfig`], and [`Bound`] / [`Registry`], the
+//! framework-neutral half of the optimizers of frameworks whose tensors are
+//! shared handles. Backend authors implement the traits of [`backend`].
 
+#![warn(missing_docs)]
+
+pub mod backend;
+mod bound;
 pub mod checkpoint;
-pub mod clip;
-pub mod config;
-pub mod cpu;
-pub mod error;
-pub mod layout;
-pub mod lowrank;
-pub mod mgpo;
-pub mod noise;
-pub mod ops;
-pub mod schedule;
-pub mod slots;
+mod clip;
+mod config;
+mod error;
+mod layout;
+mod lora;
+mod mgpo;
+mod named;
+mod schedule;
 
+pub use bound::{Bound, FactoredPerturbation, PerturbationSlot, Registry, Shares};
+pub use clip::clip_factor;
 pub use config::{AdamWConfig, Config, Direction, Perturbation, Scope, Space};
 pub use error::{CheckpointError, MgpoError, Result};
-pub use layout::{AdapterInfo, Layout, LayoutBuilder, TensorInfo};
+pub use layout::{is_bias_or_norm, AdapterInfo, Layout, LayoutBuilder, ParamGroup, TensorInfo};
+pub use lora::{lora_scale, LoraConfig, LoraInit};
 pub use mgpo::{Group, GroupReport, Mgpo, Moments, State, StepReport, WeightPerturbation};
-pub use ops::{adamw_element, materialise_is_cheaper, AdamWConsts, AdamWItem, AdamWStep, AxpyItem, FusedUpdate, HostIo, LowRank, Reduce, TensorOps, Tensors};
+pub use named::{NamedGrads, NamedTensors};
 pub use schedule::WarmupCosine;
-pub use slots::{GradSlots, NoFrozen, Slots};

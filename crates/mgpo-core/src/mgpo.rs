@@ -1,5 +1,5 @@
 //! LoRA-MGPO: AdamW plus a perturbation along the optimizer's own first
-//! moment (SPEC.md). A training step is two calls:
+//! moment (docs/spec.md). A training step is two calls:
 //!
 //! 1. [`Mgpo::perturb`] before the forward pass: for each group,
 //!    eps = sigma rho k d / (n + eps) with d the momentum m_{t-1} (adapter
@@ -13,19 +13,24 @@
 //! Between the two calls the parameters are perturbed; otherwise they are
 //! always clean. Per parameter the optimizer keeps only AdamW's m and v;
 //! everything MGPO adds is a few scalars per group.
+//!
+//! Tensors are given by name, in the order of [`Layout::names`]; every call
+//! checks every name and shape before it changes anything.
 
+use crate::backend::noise;
+use crate::backend::{AdamWItem, AdamWStep, AxpyItem, TensorOps};
 use crate::clip::clip_factor;
 use crate::config::{validate_lr, Config, Perturbation, Scope, Space};
 use crate::error::{MgpoError, Result};
 use crate::layout::Layout;
-use crate::noise;
-use crate::ops::{AdamWItem, AdamWStep, AxpyItem, TensorOps};
-use crate::slots::{GradSlots, Slots};
+use crate::named::{NamedGrads, NamedTensors};
 
 /// AdamW's moments of one trainable tensor.
 #[derive(Debug, Clone)]
 pub struct Moments<T> {
+    /// First moment m (the perturbation's direction in adapter space).
     pub m: T,
+    /// Second moment v.
     pub v: T,
 }
 
@@ -54,7 +59,9 @@ pub struct Group {
 
 /// What one group did in a step, for logging.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct GroupReport {
+    /// The group's name (see [`Group::name`]).
     pub name: String,
     /// ||d|| at perturb time (0 when not perturbed).
     pub direction_norm: f64,
@@ -71,6 +78,7 @@ pub struct GroupReport {
 
 /// The outcome of [`Mgpo::step`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct StepReport {
     /// Completed steps after this one.
     pub step: u64,
@@ -78,11 +86,13 @@ pub struct StepReport {
     pub skipped: bool,
     /// Steps skipped so far, this one included.
     pub skipped_total: u64,
+    /// The step's learning rate (before any parameter group's `lr_scale`).
     pub lr: f64,
     /// Global L2 norm of all raw gradients (NaN when skipped).
     pub grad_norm: f64,
     /// The clipping factor applied to the gradients (1 without clipping).
     pub clip_factor: f64,
+    /// Per perturbation group.
     pub groups: Vec<GroupReport>,
 }
 
@@ -91,8 +101,11 @@ pub struct StepReport {
 /// output, with A and B detached from the graph.
 #[derive(Debug)]
 pub struct WeightPerturbation<'a, T> {
+    /// c_i = sigma rho k s_i / (n + eps).
     pub coef: f64,
+    /// The first moment of B (out x r).
     pub m_b: &'a T,
+    /// The first moment of A (r x in).
     pub m_a: &'a T,
 }
 
@@ -119,9 +132,11 @@ pub struct Mgpo<B: TensorOps> {
     /// ||m||^2 of each tensor, left by the last AdamW pass.
     m_sq: Vec<f64>,
     applied: Option<Applied>,
+    last_report: Option<StepReport>,
 }
 
 impl<B: TensorOps> Mgpo<B> {
+    /// An optimizer for the tensors of `layout`, computing on `backend`.
     pub fn new(backend: B, config: Config, layout: Layout) -> Result<Self> {
         config.validate()?;
         let groups = make_groups(&config, &layout);
@@ -135,62 +150,58 @@ impl<B: TensorOps> Mgpo<B> {
         }
         let state = State { step: 0, skipped: 0, moments: Vec::new(), g_bar: vec![None; groups.len()] };
         let m_sq = vec![0.0; layout.tensors.len()];
-        Ok(Mgpo { backend, config, layout, groups, group_of, state, m_sq, applied: None })
+        Ok(Mgpo { backend, config, layout, groups, group_of, state, m_sq, applied: None, last_report: None })
     }
 
     /// Computes the perturbation from m_{t-1} and g_bar_{t-1} and adds it to
     /// the parameters (adapter space) or to W0 (weight space). Call before
-    /// the forward pass.
-    pub fn perturb<P, F>(&mut self, params: &mut P, frozen: &mut F) -> Result<()>
-    where
-        P: Slots<B::Tensor> + ?Sized,
-        F: Slots<B::Tensor> + ?Sized,
-    {
+    /// the forward pass. Names, shapes and state are checked before any
+    /// tensor changes, so an error on the caller's input leaves them as they
+    /// were (only a failure of the backend itself can stop it half-way).
+    pub fn perturb<P: NamedTensors<B::Tensor> + ?Sized>(&mut self, tensors: &mut P) -> Result<()> {
         if self.applied.is_some() {
             return Err(MgpoError::AlreadyPerturbed);
         }
-        self.check_params(params, frozen)?;
-        let applied = self.perturbation(params)?;
-        let be = &self.backend;
-        if let Some(moments) = self.has_state().then_some(&self.state.moments) {
-            match self.config.space {
-                Space::Adapter => self.move_adapter_params(params, &applied, 1.0)?,
-                Space::Weight => {
-                    for (i, ad) in self.layout.adapters.iter().enumerate() {
-                        if let (Some(w), c) = (ad.w0, applied.coef[i]) {
-                            if c != 0.0 {
-                                let (a, b) = (params.slot(ad.a), params.slot(ad.b));
-                                be.add_low_rank(frozen.slot_mut(w), c, &moments[ad.b].m, a, b, &moments[ad.a].m)?;
-                            }
-                        }
-                    }
-                }
-            }
+        self.check_tensors(tensors)?;
+        self.applied = Some(self.perturbation(tensors)?);
+        let applied = self.apply_perturbation(tensors, 1.0);
+        if applied.is_err() {
+            self.applied = None;
         }
-        self.applied = Some(applied);
-        Ok(())
+        applied
     }
 
     /// Consumes the gradients taken at the perturbed point: removes the
     /// perturbation and, unless a gradient is non-finite, updates g_bar and
     /// runs AdamW. Works without a preceding `perturb` (a clean step).
     ///
-    /// Gradients that are missing, miscounted or misshapen are an error
-    /// after which the parameters are clean and the state is as before.
-    pub fn step<P, F, G>(&mut self, params: &mut P, frozen: &mut F, grads: &G) -> Result<StepReport>
+    /// Gradients that are missing, misnamed or misshapen are an error after
+    /// which the tensors are clean and the state is as before. (Tensors that
+    /// are themselves misnamed cannot be cleaned: that error leaves the
+    /// optimizer perturbed, for `unperturb` with the right tensors.)
+    pub fn step<P, G>(&mut self, tensors: &mut P, grads: &G) -> Result<StepReport>
     where
-        P: Slots<B::Tensor> + ?Sized,
-        F: Slots<B::Tensor> + ?Sized,
-        G: GradSlots<B::Tensor> + ?Sized,
+        P: NamedTensors<B::Tensor> + ?Sized,
+        G: NamedGrads<B::Tensor> + ?Sized,
     {
-        self.check_params(params, frozen)?;
-        let grads = match self.check_grads(grads) {
-            Ok(g) => g,
-            Err(e) => {
-                self.unperturb(params, frozen)?;
-                return Err(e);
-            }
-        };
+        self.check_tensors(tensors)?;
+        let result = self.checked_step(tensors, grads);
+        if result.is_err() && self.applied.is_some() {
+            // The error already says what went wrong; cleaning is best effort.
+            let _ = self.unperturb(tensors);
+        }
+        if let Ok(r) = &result {
+            self.last_report = Some(r.clone());
+        }
+        result
+    }
+
+    fn checked_step<P, G>(&mut self, params: &mut P, grads: &G) -> Result<StepReport>
+    where
+        P: NamedTensors<B::Tensor> + ?Sized,
+        G: NamedGrads<B::Tensor> + ?Sized,
+    {
+        let grads = self.check_grads(grads)?;
         let be = &self.backend;
 
         let sq = be.sum_sq_many(&grads)?;
@@ -199,7 +210,7 @@ impl<B: TensorOps> Mgpo<B> {
             finite &= s.is_finite() || be.all_finite(g)?;
         }
         if !finite {
-            self.unperturb(params, frozen)?;
+            self.unperturb(params)?;
             self.state.skipped += 1;
             return Ok(self.report(None, true, &vec![f64::NAN; self.groups.len()], f64::NAN, 1.0));
         }
@@ -209,7 +220,7 @@ impl<B: TensorOps> Mgpo<B> {
         } else {
             let mut ms = Vec::with_capacity(grads.len());
             for t in 0..grads.len() {
-                let p = params.slot(t);
+                let p = params.tensor(t);
                 ms.push(Moments { m: be.zeros_like(p)?, v: be.zeros_like(p)? });
             }
             Some(ms)
@@ -221,7 +232,7 @@ impl<B: TensorOps> Mgpo<B> {
 
         let fused_removal = self.config.space == Space::Adapter && self.config.perturbation == Perturbation::Momentum;
         if !fused_removal {
-            self.remove_perturbation(params, frozen)?;
+            self.apply_perturbation(params, -1.0)?;
         }
         let applied = self.applied.take();
         if let Some(ms) = fresh {
@@ -234,28 +245,37 @@ impl<B: TensorOps> Mgpo<B> {
 
         let t = self.state.step + 1;
         let a = self.config.adamw;
-        let k = AdamWStep {
-            unperturb: 0.0,
-            decay: 1.0 - a.lr * a.weight_decay,
-            grad_scale: clip,
-            beta1: a.beta1,
-            beta2: a.beta2,
-            step_size: a.lr / (1.0 - a.beta1.powf(t as f64)),
-            bias2_sqrt: (1.0 - a.beta2.powf(t as f64)).sqrt(),
-            eps: a.eps,
-        };
+        // One set of AdamW scalars per parameter group: lr_g = lr lr_scale.
+        let consts: Vec<AdamWStep> = self
+            .layout
+            .param_groups
+            .iter()
+            .map(|pg| {
+                let lr = a.lr * pg.lr_scale;
+                AdamWStep {
+                    unperturb: 0.0,
+                    decay: 1.0 - lr * pg.weight_decay.unwrap_or(a.weight_decay),
+                    grad_scale: clip,
+                    beta1: a.beta1,
+                    beta2: a.beta2,
+                    step_size: lr / (1.0 - a.beta1.powf(t as f64)),
+                    bias2_sqrt: (1.0 - a.beta2.powf(t as f64)).sqrt(),
+                    eps: a.eps,
+                }
+            })
+            .collect();
         let mut items: Vec<AdamWItem<'_, B::Tensor>> = params
-            .slots_mut()
+            .tensors_mut()
             .into_iter()
             .zip(&grads)
             .zip(&mut self.state.moments)
-            .zip(&self.group_of)
-            .map(|(((p, g), Moments { m, v }), gi)| {
+            .zip(self.group_of.iter().zip(&self.layout.tensors))
+            .map(|(((p, g), Moments { m, v }), (gi, info))| {
                 let unperturb = match (&applied, gi, fused_removal) {
                     (Some(ap), Some(gi), true) => ap.coef[*gi],
                     _ => 0.0,
                 };
-                AdamWItem { p, g, m, v, k: AdamWStep { unperturb, ..k } }
+                AdamWItem { p, g, m, v, k: AdamWStep { unperturb, ..consts[info.param_group] } }
             })
             .collect();
         let m_sq = self.backend.adamw_many(&mut items)?;
@@ -270,19 +290,16 @@ impl<B: TensorOps> Mgpo<B> {
 
     /// Removes the perturbation, if any, without a step (to evaluate, or to
     /// abandon a step whose backward pass failed).
-    pub fn unperturb<P, F>(&mut self, params: &mut P, frozen: &mut F) -> Result<()>
-    where
-        P: Slots<B::Tensor> + ?Sized,
-        F: Slots<B::Tensor> + ?Sized,
-    {
-        self.check_params(params, frozen)?;
-        self.remove_perturbation(params, frozen)?;
+    pub fn unperturb<P: NamedTensors<B::Tensor> + ?Sized>(&mut self, tensors: &mut P) -> Result<()> {
+        self.check_tensors(tensors)?;
+        self.apply_perturbation(tensors, -1.0)?;
         self.applied = None;
         Ok(())
     }
 
-    /// The factored weight-space perturbation of adapter `i` now applied,
-    /// for adapters registered without W0 (see [`WeightPerturbation`]).
+    /// The factored weight-space perturbation of adapter number `adapter`
+    /// (in [`Layout::adapters`]) now applied, for adapters registered
+    /// without W0 (see [`WeightPerturbation`]).
     pub fn weight_perturbation(&self, adapter: usize) -> Option<WeightPerturbation<'_, B::Tensor>> {
         let ap = self.applied.as_ref()?;
         let ad = self.layout.adapters.get(adapter)?;
@@ -301,26 +318,37 @@ impl<B: TensorOps> Mgpo<B> {
         Ok(())
     }
 
+    /// The learning rate of the next step.
     pub fn lr(&self) -> f64 {
         self.config.adamw.lr
     }
+    /// The configuration (its `adamw.lr` is the current learning rate).
     pub fn config(&self) -> &Config {
         &self.config
     }
+    /// The tensors the optimizer owns.
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
+    /// The perturbation groups (one `global`, or one per adapter).
     pub fn groups(&self) -> &[Group] {
         &self.groups
     }
+    /// The backend the optimizer computes on.
     pub fn backend(&self) -> &B {
         &self.backend
     }
+    /// The optimizer state (m, v per tensor, g_bar per group, step counts).
     pub fn state(&self) -> &State<B::Tensor> {
         &self.state
     }
+    /// Whether a perturbation is applied (between `perturb` and `step`).
     pub fn is_perturbed(&self) -> bool {
         self.applied.is_some()
+    }
+    /// The report of the last successful step.
+    pub fn last_report(&self) -> Option<&StepReport> {
+        self.last_report.as_ref()
     }
 
     /// Replaces the optimizer state (a checkpoint being loaded). Refused,
@@ -360,8 +388,8 @@ impl<B: TensorOps> Mgpo<B> {
         !self.state.moments.is_empty()
     }
 
-    /// The coefficients of the perturbation of this step (SPEC step 1).
-    fn perturbation<P: Slots<B::Tensor> + ?Sized>(&self, params: &P) -> Result<Applied> {
+    /// The coefficients of the perturbation of this step (docs/spec.md, step 1).
+    fn perturbation<P: NamedTensors<B::Tensor> + ?Sized>(&self, params: &P) -> Result<Applied> {
         let cfg = &self.config;
         let n_groups = self.groups.len();
         let mut ap = Applied {
@@ -387,7 +415,7 @@ impl<B: TensorOps> Mgpo<B> {
                     let mut s = 0.0;
                     for &i in &g.members {
                         let ad = &self.layout.adapters[i];
-                        let (a, b) = (params.slot(ad.a), params.slot(ad.b));
+                        let (a, b) = (params.tensor(ad.a), params.tensor(ad.b));
                         let f = self.backend.low_rank_norm_sq(&ms[ad.b].m, a, b, &ms[ad.a].m)?;
                         s += ad.scale * ad.scale * f;
                     }
@@ -420,8 +448,8 @@ impl<B: TensorOps> Mgpo<B> {
         Ok(ap)
     }
 
-    /// ||g|| per group (SPEC step 3.3), from the raw gradients.
-    fn group_grad_norms<P: Slots<B::Tensor> + ?Sized>(&self, params: &P, grads: &[&B::Tensor], sq: &[f64]) -> Result<Vec<f64>> {
+    /// ||g|| per group (docs/spec.md, step 3.3), from the raw gradients.
+    fn group_grad_norms<P: NamedTensors<B::Tensor> + ?Sized>(&self, params: &P, grads: &[&B::Tensor], sq: &[f64]) -> Result<Vec<f64>> {
         let mut out = Vec::with_capacity(self.groups.len());
         for g in &self.groups {
             let s = match self.config.space {
@@ -430,7 +458,7 @@ impl<B: TensorOps> Mgpo<B> {
                     let mut s = 0.0;
                     for &i in &g.members {
                         let ad = &self.layout.adapters[i];
-                        let (a, b) = (params.slot(ad.a), params.slot(ad.b));
+                        let (a, b) = (params.tensor(ad.a), params.tensor(ad.b));
                         s += ad.scale * ad.scale * self.backend.low_rank_norm_sq(grads[ad.b], a, b, grads[ad.a])?;
                     }
                     s
@@ -441,23 +469,24 @@ impl<B: TensorOps> Mgpo<B> {
         Ok(out)
     }
 
-    /// Removes whatever perturbation is applied (it stays recorded).
-    fn remove_perturbation<P, F>(&self, params: &mut P, frozen: &mut F) -> Result<()>
-    where
-        P: Slots<B::Tensor> + ?Sized,
-        F: Slots<B::Tensor> + ?Sized,
-    {
+    /// Adds (`sign` 1) or removes (-1) the recorded perturbation: theta or
+    /// W0 in place; nothing for adapters perturbed in factored form.
+    fn apply_perturbation<P: NamedTensors<B::Tensor> + ?Sized>(&self, tensors: &mut P, sign: f64) -> Result<()> {
         let Some(ap) = &self.applied else { return Ok(()) };
+        if !self.has_state() {
+            return Ok(());
+        }
         let ms = &self.state.moments;
         match self.config.space {
-            Space::Adapter => self.move_adapter_params(params, ap, -1.0)?,
+            Space::Adapter => self.move_adapter_params(tensors, ap, sign)?,
             Space::Weight => {
+                let n = self.layout.tensors.len();
                 for (i, ad) in self.layout.adapters.iter().enumerate() {
-                    if let (Some(w), c) = (ad.w0, ap.coef[i]) {
-                        if c != 0.0 {
-                            let (a, b) = (params.slot(ad.a), params.slot(ad.b));
-                            self.backend.add_low_rank(frozen.slot_mut(w), -c, &ms[ad.b].m, a, b, &ms[ad.a].m)?;
-                        }
+                    let c = sign * ap.coef[i];
+                    if let (Some(w), true) = (ad.w0, c != 0.0) {
+                        let mut all = tensors.tensors_mut();
+                        let (params, frozen) = all.split_at_mut(n);
+                        self.backend.add_low_rank(frozen[w], c, &ms[ad.b].m, params[ad.a], params[ad.b], &ms[ad.a].m)?;
                     }
                 }
             }
@@ -466,13 +495,14 @@ impl<B: TensorOps> Mgpo<B> {
     }
 
     /// theta <- theta + sign * c_g d in adapter space, d = m or the step's noise.
-    fn move_adapter_params<P: Slots<B::Tensor> + ?Sized>(&self, params: &mut P, ap: &Applied, sign: f64) -> Result<()> {
+    fn move_adapter_params<P: NamedTensors<B::Tensor> + ?Sized>(&self, params: &mut P, ap: &Applied, sign: f64) -> Result<()> {
         let coef = |t: usize| sign * self.group_of[t].map_or(0.0, |g| ap.coef[g]);
         match self.config.perturbation {
             Perturbation::Momentum => {
                 let mut items: Vec<AxpyItem<'_, B::Tensor>> = params
-                    .slots_mut()
+                    .tensors_mut()
                     .into_iter()
+                    .take(self.group_of.len())
                     .zip(&self.state.moments)
                     .enumerate()
                     .filter(|&(t, _)| coef(t) != 0.0)
@@ -482,7 +512,7 @@ impl<B: TensorOps> Mgpo<B> {
             }
             Perturbation::Gaussian { seed } => {
                 for t in (0..self.group_of.len()).filter(|&t| coef(t) != 0.0) {
-                    self.backend.axpy_noise(params.slot_mut(t), coef(t), noise::tensor_seed(seed, self.state.step + 1, t))?;
+                    self.backend.axpy_noise(params.tensor_mut(t), coef(t), noise::tensor_seed(seed, self.state.step + 1, t))?;
                 }
                 Ok(())
             }
@@ -517,41 +547,47 @@ impl<B: TensorOps> Mgpo<B> {
         }
     }
 
-    fn check_params<P, F>(&self, params: &P, frozen: &F) -> Result<()>
-    where
-        P: Slots<B::Tensor> + ?Sized,
-        F: Slots<B::Tensor> + ?Sized,
-    {
+    /// Every name in order and every shape; W0s are required only where
+    /// the optimizer perturbs them in place.
+    fn check_tensors<P: NamedTensors<B::Tensor> + ?Sized>(&self, tensors: &P) -> Result<()> {
         let (lt, lf) = (&self.layout.tensors, &self.layout.frozen);
-        if params.count() != lt.len() {
-            return Err(MgpoError::WrongCount { what: "trainable tensors", expected: lt.len(), got: params.count() });
+        let w0_needed = self.config.space == Space::Weight && !lf.is_empty();
+        let expected = if tensors.count() > lt.len() || w0_needed { lt.len() + lf.len() } else { lt.len() };
+        for (i, info) in lt.iter().chain(lf).enumerate().take(expected) {
+            if i >= tensors.count() {
+                return Err(MgpoError::MissingTensor(info.name.clone()));
+            }
+            let got = tensors.name(i);
+            if got != info.name {
+                return Err(MgpoError::NameMismatch { position: i, expected: info.name.clone(), got: got.to_string() });
+            }
+            self.check_shape(&info.name, &info.shape, tensors.tensor(i))?;
         }
-        let need_frozen = if self.config.space == Space::Weight { lf.len() } else { 0 };
-        if frozen.count() < need_frozen {
-            return Err(MgpoError::WrongCount { what: "frozen base weights", expected: need_frozen, got: frozen.count() });
-        }
-        for (i, info) in lt.iter().enumerate() {
-            self.check_shape(&info.name, &info.shape, params.slot(i))?;
-        }
-        for (i, info) in lf.iter().enumerate().take(need_frozen) {
-            self.check_shape(&info.name, &info.shape, frozen.slot(i))?;
+        if tensors.count() > expected {
+            return Err(MgpoError::UnknownName(tensors.name(expected).to_string()));
         }
         Ok(())
     }
 
-    fn check_grads<'g, G: GradSlots<B::Tensor> + ?Sized>(&self, grads: &'g G) -> Result<Vec<&'g B::Tensor>> {
+    fn check_grads<'g, G: NamedGrads<B::Tensor> + ?Sized>(&self, grads: &'g G) -> Result<Vec<&'g B::Tensor>> {
         let lt = &self.layout.tensors;
-        if grads.count() != lt.len() {
-            return Err(MgpoError::WrongCount { what: "gradients", expected: lt.len(), got: grads.count() });
+        let mut out = Vec::with_capacity(lt.len());
+        for (i, info) in lt.iter().enumerate() {
+            if i >= grads.count() {
+                return Err(MgpoError::MissingGradient(info.name.clone()));
+            }
+            let got = grads.name(i);
+            if got != info.name {
+                return Err(MgpoError::NameMismatch { position: i, expected: format!("grad of {}", info.name), got: format!("grad of {got}") });
+            }
+            let g = grads.grad(i).ok_or_else(|| MgpoError::MissingGradient(info.name.clone()))?;
+            self.check_shape(&format!("grad of {}", info.name), &info.shape, g)?;
+            out.push(g);
         }
-        lt.iter()
-            .enumerate()
-            .map(|(i, info)| {
-                let g = grads.grad(i).ok_or_else(|| MgpoError::MissingGradient(info.name.clone()))?;
-                self.check_shape(&format!("grad of {}", info.name), &info.shape, g)?;
-                Ok(g)
-            })
-            .collect()
+        if grads.count() > lt.len() {
+            return Err(MgpoError::UnknownName(format!("grad of {}", grads.name(lt.len()))));
+        }
+        Ok(out)
     }
 
     fn check_shape(&self, name: &str, expected: &[usize], t: &B::Tensor) -> Result<()> {
@@ -564,7 +600,7 @@ impl<B: TensorOps> Mgpo<B> {
     }
 }
 
-/// SPEC's groups: `global` is one group; `per_adapter` is one per adapter
+/// The perturbation groups of docs/spec.md: `global` is one group; `per_adapter` is one per adapter
 /// and, in adapter space, one per plain tensor. In weight space plain
 /// tensors belong to no group.
 fn make_groups(config: &Config, layout: &Layout) -> Vec<Group> {

@@ -6,8 +6,11 @@
 /// for step index k = 0, 1, ... of T steps.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WarmupCosine {
+    /// Peak learning rate.
     pub lr: f64,
+    /// Warm-up steps w.
     pub warmup: u64,
+    /// Total steps T.
     pub total: u64,
 }
 

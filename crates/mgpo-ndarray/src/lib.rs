@@ -7,12 +7,15 @@
 //! order that does not depend on the thread count, so runs are
 //! bit-reproducible.
 
+#![warn(missing_docs)]
+
 use std::marker::PhantomData;
 
-use mgpo_core::noise::gaussian;
-pub use mgpo_core::cpu::{isa, Isa};
-use mgpo_core::cpu::{self, BLOCK};
-use mgpo_core::{adamw_element, AdamWItem, AdamWStep, AxpyItem, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
+use mgpo_core::backend::noise::gaussian;
+pub use mgpo_core::backend::cpu::{isa, Isa};
+use mgpo_core::backend::cpu::{self, BLOCK};
+use mgpo_core::backend::{adamw_element, AdamWItem, AdamWStep, AxpyItem, FusedUpdate, HostIo, LowRank, Reduce, Tensors};
+use mgpo_core::{MgpoError, Result};
 use ndarray::{linalg::general_mat_mul, ArrayD, ArrayView2, Ix2, IxDyn, Zip};
 use rayon::prelude::*;
 use num_traits::Float;
@@ -39,6 +42,7 @@ impl<F> Default for NdBackend<F> {
 }
 
 impl<F> NdBackend<F> {
+    /// The backend with the default parallel threshold (32 Ki elements).
     pub fn new() -> Self {
         Self::default()
     }
@@ -49,8 +53,9 @@ impl<F> NdBackend<F> {
     }
 }
 
-/// The optimizer on ndarray tensors of type `F`.
-pub type Mgpo<F> = mgpo_core::Mgpo<NdBackend<F>>;
+/// LoRA-MGPO on ndarray tensors of type `F`: `mgpo_core::Mgpo` over
+/// [`NdBackend`], with the tensors passed by name to every call.
+pub type MgpoOptimizer<F> = mgpo_core::Mgpo<NdBackend<F>>;
 
 fn matrix<'a, F>(t: &'a ArrayD<F>, what: &str) -> Result<ArrayView2<'a, F>> {
     t.view()
@@ -306,15 +311,15 @@ impl<F: Element> LowRank for NdBackend<F> {
     }
 
     /// Forms P Q + R S with ndarray's matrix product where that is cheaper
-    /// than the Grams ([`mgpo_core::materialise_is_cheaper`]: small layers,
+    /// than the Grams ([`mgpo_core::backend::materialise_is_cheaper`]: small layers,
     /// high rank), in f32 or f64; bf16 always takes the Grams, whose sums
     /// run in f64.
     fn low_rank_norm_sq(&self, p: &ArrayD<F>, q: &ArrayD<F>, r: &ArrayD<F>, s: &ArrayD<F>) -> Result<f64> {
         let (pm, qm, rm, sm) = (matrix(p, "P")?, matrix(q, "Q")?, matrix(r, "R")?, matrix(s, "S")?);
         let (out, inp, rank) = (pm.nrows(), qm.ncols(), pm.ncols());
         let fits = rm.nrows() == out && sm.ncols() == inp && qm.nrows() == rank && rm.ncols() == sm.nrows();
-        if !fits || std::mem::size_of::<F>() < 4 || !mgpo_core::materialise_is_cheaper(out, inp, rank) {
-            return mgpo_core::lowrank::sum_of_products_sq(self, p, q, r, s);
+        if !fits || std::mem::size_of::<F>() < 4 || !mgpo_core::backend::materialise_is_cheaper(out, inp, rank) {
+            return mgpo_core::backend::lowrank::sum_of_products_sq(self, p, q, r, s);
         }
         let mut d = ndarray::Array2::<F>::zeros((out, inp));
         general_mat_mul(F::one(), &pm, &qm, F::zero(), &mut d);
@@ -417,11 +422,11 @@ mod tests {
     #[test]
     fn materialised_norm_matches_the_grams() {
         let (out, inp, r) = (6, 5, 8);
-        assert!(mgpo_core::materialise_is_cheaper(out, inp, r));
+        assert!(mgpo_core::backend::materialise_is_cheaper(out, inp, r));
         let mk = |shape: &[usize], seed: u32| filled(shape.iter().product(), seed).into_shape_with_order(IxDyn(shape)).unwrap().mapv(f64::from);
         let (p, q, rr, s) = (mk(&[out, r], 1), mk(&[r, inp], 2), mk(&[out, r], 3), mk(&[r, inp], 4));
         let be = NdBackend::<f64>::new();
-        let want = mgpo_core::lowrank::sum_of_products_sq(&be, &p, &q, &rr, &s).unwrap();
+        let want = mgpo_core::backend::lowrank::sum_of_products_sq(&be, &p, &q, &rr, &s).unwrap();
         let got = be.low_rank_norm_sq(&p, &q, &rr, &s).unwrap();
         assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
         let f = |x: &ArrayD<f64>| x.mapv(|v| v as f32);

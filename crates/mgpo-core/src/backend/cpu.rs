@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use num_traits::Float;
 
-use crate::ops::{adamw_element, AdamWConsts};
+use super::{adamw_element, AdamWConsts};
 
 /// A good block size for the element-wise kernels: small enough to split a
 /// LoRA tensor across cores, large enough to amortise a task. Backends that
@@ -31,8 +31,11 @@ const DOT_LANES: usize = 16;
 /// The instruction set the dispatched kernels run with on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// SSE2 (every x86-64) or no SIMD.
     Baseline,
+    /// AVX2 with FMA.
     Avx2,
+    /// AVX-512F.
     Avx512,
 }
 
@@ -215,13 +218,13 @@ dispatched!(
     fn dot<F>(x: &[F], y: &[F]) -> f64 => dot_generic
 );
 
-/// y_j <- y_j + F(alpha z_{first + j}) with z_i = [`crate::noise::gaussian`]`(seed, i)`:
+/// y_j <- y_j + F(alpha z_{first + j}) with z_i = [`super::noise::gaussian`]`(seed, i)`:
 /// the random-direction perturbation over a slice whose first element has
 /// row-major index `first` in its tensor (so blocks give the whole
 /// tensor's bits).
 pub fn axpy_noise<F: Float>(y: &mut [F], alpha: f64, seed: u64, first: usize) {
     for (j, y) in y.iter_mut().enumerate() {
-        *y = *y + F::from(alpha * crate::noise::gaussian(seed, (first + j) as u64)).unwrap_or_else(F::nan);
+        *y = *y + F::from(alpha * super::noise::gaussian(seed, (first + j) as u64)).unwrap_or_else(F::nan);
     }
 }
 
@@ -269,7 +272,7 @@ pub fn gram_rows<F: Float>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::AdamWStep;
+    use crate::backend::AdamWStep;
 
     fn filled(n: usize, seed: u32) -> Vec<f32> {
         let mut x = seed;

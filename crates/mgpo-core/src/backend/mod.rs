@@ -1,18 +1,37 @@
-//! What the algorithm needs from a tensor library, one small trait per
-//! capability (after argmin-math). A backend implements these for its own
-//! tensor type; the algorithm in [`crate::Mgpo`] never sees the backend.
+//! For backend authors: what the algorithm needs from a tensor library, one
+//! small trait per capability (after argmin-math). A backend implements
+//! these for its own tensor type; the algorithm in [`crate::Mgpo`] never
+//! sees the backend. `docs/backend-guide.md` walks through a complete one.
 //!
-//! Mutated tensors are passed as `&mut`: backends whose tensors are shared
-//! handles (candle `Var`, `tch::Tensor`) update their storage in place.
+//! | trait | methods | precision |
+//! |---|---|---|
+//! | [`Tensors`] | `shape`, `zeros_like` | - |
+//! | [`Reduce`] | `sum_sq`, `all_finite`, `sum_sq_many` | accumulate in f64 |
+//! | [`FusedUpdate`] | `axpy`, `axpy_noise`, `adamw` (returns sum m^2 in f64), the `_many` forms | element type, in the order of [`adamw_element`] |
+//! | [`LowRank`] | `gram_cols`, `gram_rows` (f64 results), `add_low_rank`, `low_rank_norm_sq` | Grams accumulate in f64 |
+//! | [`HostIo`] | `from_f64`, `to_f64` | conformance and checkpoints only |
+//!
+//! [`TensorOps`] is the first four together: what a training step needs.
+//! [`cpu`] has ready slice kernels (AdamW, sums of squares, axpy, Grams,
+//! noise) for any backend whose tensors can lend a `&mut [F]`; [`noise`]
+//! defines the Gaussian direction. Mutated tensors are passed as `&mut`:
+//! backends whose tensors are shared handles (candle `Var`, `tch::Tensor`)
+//! update their storage in place.
 
-use num_traits::Float;
+pub mod cpu;
+pub mod lowrank;
+pub mod noise;
+
+pub use num_traits::Float;
 
 use crate::error::Result;
 
 /// The backend's tensor type, its shape and fresh zero tensors.
 pub trait Tensors {
+    /// The tensor type: a value (ndarray) or a handle to shared storage (candle, tch).
     type Tensor;
 
+    /// The tensor's shape, outermost dimension first.
     fn shape(&self, t: &Self::Tensor) -> Vec<usize>;
 
     /// A zero tensor of `t`'s shape, dtype and device (for AdamW's m and v).
@@ -42,7 +61,7 @@ pub trait FusedUpdate: Tensors {
     /// y <- y + alpha x.
     fn axpy(&self, y: &mut Self::Tensor, alpha: f64, x: &Self::Tensor) -> Result<()>;
 
-    /// y <- y + alpha z with z_i = [`crate::noise::gaussian`]`(seed, i)`, i
+    /// y <- y + alpha z with z_i = [`noise::gaussian`]`(seed, i)`, i
     /// the row-major index: the random-direction baseline. Backends that do
     /// not draw noise keep this default, and that mode is refused on them.
     fn axpy_noise(&self, y: &mut Self::Tensor, alpha: f64, seed: u64) -> Result<()> {
@@ -79,17 +98,25 @@ pub trait FusedUpdate: Tensors {
 
 /// One tensor of [`FusedUpdate::axpy_many`]: y <- y + alpha x.
 pub struct AxpyItem<'a, T> {
+    /// Updated in place.
     pub y: &'a mut T,
+    /// The coefficient.
     pub alpha: f64,
+    /// The direction.
     pub x: &'a T,
 }
 
 /// One tensor of [`FusedUpdate::adamw_many`].
 pub struct AdamWItem<'a, T> {
+    /// The parameter, updated in place.
     pub p: &'a mut T,
+    /// Its gradient at the perturbed point.
     pub g: &'a T,
+    /// First moment, updated in place.
     pub m: &'a mut T,
+    /// Second moment, updated in place.
     pub v: &'a mut T,
+    /// The step's scalars for this tensor.
     pub k: AdamWStep,
 }
 
@@ -118,13 +145,13 @@ pub trait LowRank: Tensors {
 
     /// ||P Q + R S||_F^2 for P, R of shape out x r and Q, S of shape r x in
     /// (the weight-space norms of a step). The default takes it through
-    /// r x r Gram matrices ([`crate::lowrank::sum_of_products_sq`]):
+    /// r x r Gram matrices ([`lowrank::sum_of_products_sq`]):
     /// O(r^2 (out + in)) work and no out x in matrix. Where
     /// out in <= r (out + in) forming P Q + R S is both cheaper and no
     /// larger than the adapter itself, and a backend with a fast matrix
     /// product may do that instead.
     fn low_rank_norm_sq(&self, p: &Self::Tensor, q: &Self::Tensor, r: &Self::Tensor, s: &Self::Tensor) -> Result<f64> {
-        crate::lowrank::sum_of_products_sq(self, p, q, r, s)
+        lowrank::sum_of_products_sq(self, p, q, r, s)
     }
 }
 
@@ -138,7 +165,9 @@ pub fn materialise_is_cheaper(out: usize, inp: usize, r: usize) -> bool {
 /// Moving tensors to and from the host as f64, for conformance vectors,
 /// checkpoints and tests. Not used by a training step.
 pub trait HostIo: Tensors {
+    /// A tensor of `shape` with row-major `data`, rounded to the backend's element type.
     fn from_f64(&self, shape: &[usize], data: &[f64]) -> Result<Self::Tensor>;
+    /// The tensor's values, row-major, widened to f64.
     fn to_f64(&self, t: &Self::Tensor) -> Result<Vec<f64>>;
 
     /// Whether tensors keep f64 values exactly (decides a checkpoint's
@@ -163,12 +192,15 @@ pub struct AdamWStep {
     pub decay: f64,
     /// Multiplies the gradient: the clipping factor min(1, c / (||g|| + 1e-6)).
     pub grad_scale: f64,
+    /// beta1 (the paper's mu).
     pub beta1: f64,
+    /// beta2.
     pub beta2: f64,
     /// lr / (1 - beta1^t).
     pub step_size: f64,
     /// sqrt(1 - beta2^t).
     pub bias2_sqrt: f64,
+    /// AdamW's eps.
     pub eps: f64,
 }
 
@@ -197,19 +229,30 @@ pub fn adamw_element<F: Float>(p: &mut F, g: F, m: &mut F, v: &mut F, k: &AdamWC
 /// [`AdamWStep`] cast once to the element type.
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConsts<F> {
+    /// See [`AdamWStep::unperturb`].
     pub unperturb: F,
+    /// See [`AdamWStep::decay`].
     pub decay: F,
+    /// See [`AdamWStep::grad_scale`].
     pub grad_scale: F,
+    /// beta1.
     pub beta1: F,
+    /// 1 - beta1.
     pub one_minus_beta1: F,
+    /// beta2.
     pub beta2: F,
+    /// 1 - beta2.
     pub one_minus_beta2: F,
+    /// See [`AdamWStep::step_size`].
     pub step_size: F,
+    /// See [`AdamWStep::bias2_sqrt`].
     pub bias2_sqrt: F,
+    /// AdamW's eps.
     pub eps: F,
 }
 
 impl AdamWStep {
+    /// The scalars cast once to the element type `F`.
     pub fn consts<F: Float>(&self) -> AdamWConsts<F> {
         let c = |x: f64| F::from(x).expect("f64 converts to every Float");
         AdamWConsts {

@@ -1,7 +1,7 @@
 //! Frobenius norms of rank-decomposed sums through r x r Gram matrices.
 
 use crate::error::Result;
-use crate::ops::LowRank;
+use super::LowRank;
 
 /// ||P Q + R S||_F^2 for P, R of shape out x r and Q, S of shape r x in:
 ///

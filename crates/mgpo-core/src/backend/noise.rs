@@ -34,10 +34,10 @@ pub fn sum_sq(seed: u64, n: usize) -> f64 {
 /// y <- y + alpha z(seed) for backends that draw the noise on the host: a
 /// tensor-sized buffer per call, acceptable for this ablation baseline but
 /// not for a hot path (the CPU paths of ndarray, candle and dfdx draw in
-/// place with [`crate::cpu::axpy_noise`]).
+/// place with [`super::cpu::axpy_noise`]).
 pub fn axpy_noise_via_host<B>(be: &B, y: &mut B::Tensor, alpha: f64, seed: u64) -> crate::Result<()>
 where
-    B: crate::FusedUpdate + crate::HostIo,
+    B: super::FusedUpdate + super::HostIo,
 {
     let shape = be.shape(y);
     let n: usize = shape.iter().product();
