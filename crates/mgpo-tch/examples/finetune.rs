@@ -15,8 +15,8 @@
 //! `preset` is one of `paper-nlu` (default), `paper-nlg`, `trainer-nlu`,
 //! `trainer-nlg`, `adamw`.
 
-use mgpo_core::{Config, WarmupCosine};
-use mgpo_tch::{LoraConfig, LoraLinear, MgpoOptimizer};
+use mgpo_core::{Config, LoraConfig, WarmupCosine};
+use mgpo_tch::{LoraLinear, MgpoOptimizer};
 use tch::nn::{self, Module};
 use tch::{Device, Reduction, Tensor};
 

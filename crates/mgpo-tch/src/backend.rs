@@ -14,9 +14,10 @@
 //! the step count t instead of the precomputed bias corrections, divides
 //! the gradients by an AMP scale, and has no place for the perturbation
 //! removal p <- p - unperturb m. The step is therefore a chain of in-place
-//! kernels in the order of [`mgpo_core::adamw_element`].
+//! kernels in the order of [`mgpo_core::backend::adamw_element`].
 
-use mgpo_core::{AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
+use mgpo_core::backend::{noise, AdamWStep, FusedUpdate, HostIo, LowRank, Reduce, Tensors};
+use mgpo_core::{MgpoError, Result, Shares};
 use tch::{Device, Kind, TchError, Tensor};
 
 /// The tch backend: tensors of `kind` (f32 or f64) on `device`. The kind
@@ -162,7 +163,7 @@ impl Reduce for TchBackend {
 
 impl FusedUpdate for TchBackend {
     fn axpy_noise(&self, y: &mut Tensor, alpha: f64, seed: u64) -> Result<()> {
-        mgpo_core::noise::axpy_noise_via_host(self, y, alpha, seed)
+        noise::axpy_noise_via_host(self, y, alpha, seed)
     }
 
     /// y <- y + alpha x: one `addcmul_` with alpha as a 0-dim tensor.
@@ -174,7 +175,7 @@ impl FusedUpdate for TchBackend {
         Ok(())
     }
 
-    /// The kernels, in [`mgpo_core::adamw_element`]'s order (g' = s g):
+    /// The kernels, in [`mgpo_core::backend::adamw_element`]'s order (g' = s g):
     ///
     /// ```text
     /// p <- p + (-unperturb) m              addcmul_   (m = m_{t-1}; skipped when 0)
@@ -279,5 +280,13 @@ impl HostIo for TchBackend {
         check_alike("to_f64", t, &[], false)?;
         let _g = tch::no_grad_guard();
         host_square(t.f_to_kind(Kind::Double).map_err(err)?)
+    }
+}
+
+/// A `tch::Tensor` is a handle: `shallow_clone` shares the storage, so the
+/// optimizer updates a `VarStore`'s variables through its own handles.
+impl Shares for TchBackend {
+    fn share(&self, t: &Tensor) -> Tensor {
+        t.shallow_clone()
     }
 }

@@ -15,8 +15,8 @@
 //! each variable's `.grad()`:
 //!
 //! ```
-//! use mgpo_core::Config;
-//! use mgpo_tch::{LoraConfig, LoraLinear, MgpoOptimizer};
+//! use mgpo_core::{Config, LoraConfig};
+//! use mgpo_tch::{LoraLinear, MgpoOptimizer};
 //! use tch::{nn, nn::Module, Device, Kind, Tensor};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -32,28 +32,69 @@
 //! let target = Tensor::randn([8, 4], (Kind::Float, Device::Cpu));
 //! for _ in 0..3 {
 //!     let (_loss, report) = opt.training_step(|| layer.forward(&x).mse_loss(&target, tch::Reduction::Mean))?;
-//!     assert!(!report.skipped);
+//!     assert!(!report.skipped && report.grad_norm > 0.0);
 //! }
-//! assert_eq!(opt.state().step, 3);
+//! assert_eq!((opt.state().step, opt.is_perturbed()), (3, false));
 //! # Ok(())
 //! # }
 //! ```
 //!
 //! `training_step` is `zero_grad`, `perturb`, the closure, `backward`,
-//! `step`. With `Config::adamw(..)` (rho = 0) the optimizer is plain AdamW,
-//! step for step what `tch::nn::adamw` (libtorch's own) computes.
+//! `step`. The optimizer dereferences to [`mgpo_core::Bound`], so the
+//! learning rate (`set_lr`, checked at once), the state, the reports and
+//! checkpoints (`save_checkpoint`, `load_checkpoint`, readable by every
+//! framework's optimizer over the same tensor names) are the core's.
+//! Parameter groups are registered by name:
+//! `.param_group_where(ParamGroup::no_decay(), mgpo_core::is_bias_or_norm)`
+//! on the builder exempts biases and LayerNorms from weight decay, as the
+//! Hugging Face Trainer does. With `Config::adamw(..)` (rho = 0) the
+//! optimizer is plain AdamW, step for step what `tch::nn::adamw`
+//! (libtorch's own) computes, parameter groups included.
 //!
-//! In `weight` space (the authors' trainer) the layer adds the perturbation
-//! of its frozen base weight W0 in factored form and W0 itself is never
-//! written, so it stays bit-identical (see [`lora`]).
+//! ## Gradient accumulation
+//!
+//! libtorch adds every backward pass to `.grad()`, so accumulating k
+//! micro-batches is the plain loop: perturb once, run every micro-batch at
+//! the perturbed point with its loss divided by k, step once. The step then
+//! sees the mean gradient of the whole batch, g = (1/k) sum_j g_j, and
+//! equals one step on the whole batch within rounding:
+//!
+//! ```
+//! # use mgpo_core::{Config, LoraConfig};
+//! # use mgpo_tch::{LoraLinear, MgpoOptimizer};
+//! # use tch::{nn, nn::Module, Device, Kind, Reduction, Tensor};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let vs = nn::VarStore::new(Device::Cpu);
+//! # let w0 = Tensor::randn([4, 6], (Kind::Float, Device::Cpu));
+//! # let layer = LoraLinear::from_pretrained(&w0, None, &LoraConfig::new(2, 4.0), &(vs.root() / "q_proj"))?;
+//! # let mut opt = MgpoOptimizer::for_lora([&layer], Config::paper_nlu(1e-2))?;
+//! let batches: Vec<(Tensor, Tensor)> =
+//!     (0..4).map(|_| (Tensor::randn([8, 6], (Kind::Float, Device::Cpu)), Tensor::randn([8, 4], (Kind::Float, Device::Cpu)))).collect();
+//! opt.zero_grad();
+//! opt.perturb()?;
+//! for (x, y) in &batches {
+//!     (layer.forward(x).mse_loss(y, Reduction::Mean) / batches.len() as f64).backward();
+//! }
+//! let report = opt.step()?;
+//! assert_eq!(report.step, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`LoraLinear`] layers registered with `.lora(&layer)` take MGPO's
+//! `weight`-space perturbation (the authors' trainer) in factored form in
+//! their forward pass: their frozen W0 is never written and stays
+//! bit-identical (see [`lora`]).
 
 mod backend;
 pub mod lora;
 mod optim;
+mod var_store;
 
 pub use backend::TchBackend;
-pub use lora::{is_target, FactoredPerturbation, LoraAdapter, LoraConfig, LoraLinear, PerturbationSlot};
-pub use optim::{MgpoBuilder, MgpoOptimizer, VarStoreAdapters};
+pub use lora::{is_target, LoraAdapter, LoraLinear};
+pub use optim::{MgpoBuilder, MgpoOptimizer};
+pub use var_store::VarStoreAdapters;
 
 /// The tch backend on the CPU in f32.
 pub fn cpu_f32() -> TchBackend {

@@ -4,12 +4,14 @@
 //! y = base(x) + s * B (A (dropout(x)))        s = alpha / r   (rsLoRA: alpha / sqrt(r))
 //! ```
 //!
-//! with the base layer (W0 and its bias) frozen (`requires_grad = false`)
-//! and unscaled, A (r x in) drawn Kaiming-uniform with a = sqrt(5) (peft's
-//! `reset_lora_parameters`: U(-1/sqrt(in), 1/sqrt(in))), B (out x r) zero,
-//! so a fresh adapter leaves the base output unchanged, and dropout on the
-//! adapter input only, in training only. A and B are variables of a
-//! `VarStore`, named `{path}.lora_a` and `{path}.lora_b`.
+//! configured by [`mgpo_core::LoraConfig`] (the one every framework's layer
+//! takes), with the base layer (W0 and its bias) frozen
+//! (`requires_grad = false`) and unscaled, A (r x in) drawn as peft's
+//! `reset_lora_parameters` (Kaiming-uniform with a = sqrt(5), i.e.
+//! U(-1/sqrt(in), 1/sqrt(in)), or N(0, 1/r^2) with [`LoraInit::Gaussian`]),
+//! B (out x r) zero, so a fresh adapter leaves the base output unchanged,
+//! and dropout on the adapter input only, in training only. A and B are
+//! variables of a `VarStore`, named `{path}.lora_a` and `{path}.lora_b`.
 //!
 //! In MGPO's `weight` space the optimizer perturbs W0 by
 //! eps = coef (m_B A + B m_A). This layer never writes W0: while the
@@ -27,96 +29,13 @@
 //! therefore bit-identical to its initial value after any number of steps.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use mgpo_core::{MgpoError, Result};
+use mgpo_core::{LoraConfig, LoraInit, MgpoError, PerturbationSlot, Result};
 use tch::nn::{self, Init, Module};
 use tch::{Kind, Tensor};
 
 use crate::backend::err;
-
-/// Rank, scaling and dropout of the adapters, as peft's `LoraConfig`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LoraConfig {
-    /// r: the inner dimension of B A.
-    pub rank: usize,
-    /// alpha in s = alpha / r.
-    pub alpha: f64,
-    /// Dropout probability on the adapter input, in [0, 1).
-    pub dropout: f64,
-    /// rsLoRA: s = alpha / sqrt(r) instead of alpha / r.
-    pub rslora: bool,
-}
-
-impl Default for LoraConfig {
-    fn default() -> Self {
-        LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, rslora: false }
-    }
-}
-
-impl LoraConfig {
-    pub fn new(rank: usize, alpha: f64) -> Self {
-        LoraConfig { rank, alpha, ..Default::default() }
-    }
-
-    /// s = alpha / r, or alpha / sqrt(r) with rsLoRA.
-    pub fn scale(&self) -> f64 {
-        let r = self.rank as f64;
-        if self.rslora {
-            self.alpha / r.sqrt()
-        } else {
-            self.alpha / r
-        }
-    }
-
-    /// Rank >= 1, finite alpha, dropout in [0, 1).
-    pub fn validate(&self) -> Result<()> {
-        let bad = |field, value: String, reason| Err(MgpoError::InvalidConfig { field, value, reason });
-        if self.rank == 0 {
-            return bad("lora.rank", "0".into(), "must be at least 1");
-        }
-        if !self.alpha.is_finite() {
-            return bad("lora.alpha", self.alpha.to_string(), "must be finite");
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return bad("lora.dropout", self.dropout.to_string(), "must be in [0, 1)");
-        }
-        Ok(())
-    }
-}
-
-/// A weight-space perturbation in factored form: the layer adds
-/// `coef * (m_b (A x) + B (m_a x))`. `m_b` and `m_a` share storage with the
-/// optimizer's first moments and are valid until the step that follows.
-#[derive(Debug)]
-pub struct FactoredPerturbation {
-    pub coef: f64,
-    pub m_b: Tensor,
-    pub m_a: Tensor,
-}
-
-impl FactoredPerturbation {
-    fn shallow_clone(&self) -> Self {
-        FactoredPerturbation { coef: self.coef, m_b: self.m_b.shallow_clone(), m_a: self.m_a.shallow_clone() }
-    }
-}
-
-/// Where the optimizer publishes an adapter's weight-space perturbation for
-/// its layer to read; shared between the layer (and its clones) and the
-/// optimizer. Empty whenever the parameters are clean.
-#[derive(Debug, Clone, Default)]
-pub struct PerturbationSlot(Arc<Mutex<Option<FactoredPerturbation>>>);
-
-impl PerturbationSlot {
-    /// The perturbation now applied, if any (tensors shared, not copied).
-    pub fn get(&self) -> Option<FactoredPerturbation> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(FactoredPerturbation::shallow_clone)
-    }
-
-    pub(crate) fn set(&self, p: Option<FactoredPerturbation>) {
-        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = p;
-    }
-}
 
 /// The trainable part of a [`LoraLinear`].
 #[derive(Debug)]
@@ -126,7 +45,7 @@ pub struct LoraAdapter {
     b: Tensor,
     scale: f64,
     dropout: f64,
-    slot: PerturbationSlot,
+    slot: PerturbationSlot<Tensor>,
 }
 
 impl LoraAdapter {
@@ -146,10 +65,12 @@ impl LoraAdapter {
     pub fn scale(&self) -> f64 {
         self.scale
     }
+    /// r.
     pub fn rank(&self) -> usize {
         self.a.size()[0] as usize
     }
-    pub fn slot(&self) -> &PerturbationSlot {
+    /// Where the optimizer publishes this adapter's weight-space perturbation.
+    pub fn slot(&self) -> &PerturbationSlot<Tensor> {
         &self.slot
     }
 }
@@ -181,8 +102,8 @@ fn dims2(t: &Tensor, what: &str) -> Result<(i64, i64)> {
 
 impl LoraLinear {
     /// Wraps `base` (weight out x in) with a new adapter whose variables
-    /// `lora_a` (A, Kaiming-uniform a = sqrt(5)) and `lora_b` (B, zero) are
-    /// created under `path`; the adapter is named after `path`. The base
+    /// `lora_a` (A, initialised as `cfg.init` says) and `lora_b` (B, zero)
+    /// are created under `path`; the adapter is named after `path`. The base
     /// weight and bias are frozen (`requires_grad = false`, as peft does);
     /// they may live in any var store, or none. Starts in training mode
     /// (dropout active), as a fresh torch module.
@@ -190,10 +111,16 @@ impl LoraLinear {
         cfg.validate()?;
         let (out, inp) = dims2(&base.ws, "base weight")?;
         let r = cfg.rank as i64;
-        // kaiming_uniform_(a = sqrt 5): gain sqrt(2 / (1 + 5)), bound
-        // gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
-        let bound = 1.0 / (inp.max(1) as f64).sqrt();
-        let a = path.f_var("lora_a", &[r, inp], Init::Uniform { lo: -bound, up: bound }).map_err(err)?;
+        let init = match cfg.init {
+            // kaiming_uniform_(a = sqrt 5): gain sqrt(2 / (1 + 5)), bound
+            // gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
+            LoraInit::Kaiming => {
+                let bound = 1.0 / (inp.max(1) as f64).sqrt();
+                Init::Uniform { lo: -bound, up: bound }
+            }
+            LoraInit::Gaussian => Init::Randn { mean: 0.0, stdev: 1.0 / cfg.rank as f64 },
+        };
+        let a = path.f_var("lora_a", &[r, inp], init).map_err(err)?;
         let b = path.f_var("lora_b", &[out, r], Init::Const(0.0)).map_err(err)?;
         let name = path.components().collect::<Vec<_>>().join(".");
         Self::from_parts(base, &name, a, b, cfg.scale(), cfg.dropout)
@@ -276,13 +203,13 @@ impl LoraLinear {
         let xd = if train && ad.dropout > 0.0 { x.f_dropout(ad.dropout, true).map_err(err)? } else { x.shallow_clone() };
         let lin = |x: &Tensor, w: &Tensor| x.f_linear::<&Tensor>(w, None).map_err(err);
         let lora = lin(&lin(&xd, &ad.a)?, &ad.b)?;
-        let mut y = y.f_add(&lora.f_mul_scalar(ad.scale).map_err(err)?).map_err(err)?;
-        if let Some(p) = ad.slot.get() {
+        let y = y.f_add(&lora.f_mul_scalar(ad.scale).map_err(err)?).map_err(err)?;
+        ad.slot.with(|p| {
+            let Some(p) = p else { return Ok(y) };
             let (a, b) = (ad.a.detach(), ad.b.detach());
             let t = lin(&lin(x, &a)?, &p.m_b)?.f_add(&lin(&lin(x, &p.m_a)?, &b)?).map_err(err)?;
-            y = y.f_add(&t.f_mul_scalar(p.coef).map_err(err)?).map_err(err)?;
-        }
-        Ok(y)
+            y.f_add(&t.f_mul_scalar(p.coef).map_err(err)?).map_err(err)
+        })
     }
 
     /// [`LoraLinear::f_forward_t`], panicking on a libtorch error as tch's

@@ -1,9 +1,10 @@
 //! The tch backend's operations one by one: the AdamW chain against
-//! `mgpo_core::adamw_element`, the low-rank helpers against explicit
+//! `mgpo_core::backend::adamw_element`, the low-rank helpers against explicit
 //! products, in-place updates that leave variables as autograd leaves, and
 //! typed errors for bad input.
 
-use mgpo_core::{adamw_element, AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Tensors};
+use mgpo_core::backend::{adamw_element, AdamWStep, FusedUpdate, HostIo, LowRank, Reduce, Tensors};
+use mgpo_core::MgpoError;
 use mgpo_tch::{cpu_f32, cpu_f64, TchBackend};
 use tch::{Device, Kind, Tensor};
 

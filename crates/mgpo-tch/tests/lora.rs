@@ -2,8 +2,8 @@
 //! unmerge, and the factored weight-space perturbation, which must train
 //! exactly as perturbing W0 in place would while leaving W0 bit-identical.
 
-use mgpo_core::{Config, MgpoError};
-use mgpo_tch::{is_target, LoraConfig, LoraLinear, MgpoOptimizer};
+use mgpo_core::{Config, LoraConfig, LoraInit, MgpoError};
+use mgpo_tch::{is_target, LoraLinear, MgpoOptimizer};
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -56,9 +56,23 @@ fn peft_initialisation_and_scaling() {
     let x = det(&[3, inp], 0.11, 1.0, Kind::Float);
     assert_eq!(bits(&layer.forward(&x)), bits(&x.matmul(&w0.tr())));
 
-    let rs = LoraConfig { rslora: true, ..LoraConfig::new(4, 8.0) };
-    assert_eq!(rs.scale(), 4.0);
-    assert_eq!(LoraConfig::new(4, 8.0).scale(), 2.0);
+    let rs = LoraConfig::new(4, 8.0).rslora();
+    let layer = LoraLinear::from_pretrained(&w0, None, &rs, &(vs.root() / "rs")).unwrap();
+    assert_eq!(layer.adapter().unwrap().scale(), 4.0);
+}
+
+#[test]
+fn gaussian_initialisation_as_peft() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let w0 = det(&[16, 400], 0.37, 0.2, Kind::Float);
+    let cfg = LoraConfig::new(4, 8.0).init(LoraInit::Gaussian);
+    let layer = LoraLinear::from_pretrained(&w0, None, &cfg, &(vs.root() / "g")).unwrap();
+    let ad = layer.adapter().unwrap();
+    // A ~ N(0, 1/r^2): 1600 draws with standard deviation 0.25.
+    let (mean, std) = (ad.a().mean(Kind::Double).double_value(&[]), ad.a().std(true).double_value(&[]));
+    assert!(mean.abs() < 0.03 && (std - 0.25).abs() < 0.02, "mean {mean}, std {std}");
+    assert!(ad.a().abs().max().double_value(&[]) > 0.5, "a Gaussian, not U(-1/sqrt(in), 1/sqrt(in)) (bound 0.05)");
+    assert_eq!(ad.b().abs().sum(Kind::Double).double_value(&[]), 0.0);
 }
 
 #[test]
@@ -198,9 +212,9 @@ fn factored_weight_perturbation_trains_as_the_in_place_one_and_never_writes_w0()
         opt_ip.zero_grad();
         opt.perturb().unwrap();
         opt_ip.perturb().unwrap();
-        let slot = ad.slot().get();
+        let coef = ad.slot().with(|p| p.map(|p| p.coef));
         if step > 1 {
-            assert!(slot.as_ref().is_some_and(|p| p.coef != 0.0), "step {step}: the layer must hold the perturbation");
+            assert!(coef.is_some_and(|c| c != 0.0), "step {step}: the layer must hold the perturbation");
             perturbed_steps += 1;
         }
         let (ya, yb) = (layer.forward(&x), forward_ip());
@@ -208,7 +222,7 @@ fn factored_weight_perturbation_trains_as_the_in_place_one_and_never_writes_w0()
         ya.mse_loss(&y, Reduction::Mean).backward();
         yb.mse_loss(&y, Reduction::Mean).backward();
         let (ra, rb) = (opt.step().unwrap(), opt_ip.step().unwrap());
-        assert!(ad.slot().get().is_none(), "the slot is cleared by step");
+        assert!(ad.slot().with(|p| p.is_none()), "the slot is cleared by step");
         assert!((ra.groups[0].perturbation_norm - rb.groups[0].perturbation_norm).abs() < 1e-12);
         assert!(max_diff(ad.a(), &a_ip) < 1e-11 && max_diff(ad.b(), &b_ip) < 1e-11, "step {step}: A, B differ");
         assert_eq!(bits(&layer.base().ws), w0_bits, "step {step}: W0 was written");
