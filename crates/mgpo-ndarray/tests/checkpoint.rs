@@ -1,71 +1,31 @@
 //! Checkpoints: exact resume, and every kind of bad file refused with a
 //! typed error that leaves the optimizer as it was.
 
+mod common;
+
 use std::collections::HashMap;
 
+use common::{build, same_state, train};
 use mgpo_conformance::props::{case_strategy, Case};
 use mgpo_core::checkpoint::{checksum, FORMAT};
-use mgpo_core::{CheckpointError, Config, Layout, MgpoError, Space, State};
-use mgpo_ndarray::{Element, Mgpo, NdBackend};
-use ndarray::{ArrayD, IxDyn};
+use mgpo_core::{CheckpointError, Config, Layout, MgpoError, Space};
+use mgpo_ndarray::{Element, MgpoOptimizer, NdBackend};
 use proptest::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
-
-fn build<F: Element>(case: &Case, config: Config) -> (Mgpo<F>, Vec<ArrayD<F>>, Vec<ArrayD<F>>) {
-    let weight = config.space == Space::Weight;
-    let arr = |s: &[usize], d: &[f64]| ArrayD::from_shape_vec(IxDyn(s), d.iter().map(|&x| F::from(x).unwrap()).collect()).unwrap();
-    let mut lb = Layout::builder();
-    let (mut params, mut frozen) = (Vec::new(), Vec::new());
-    for a in &case.adapters {
-        lb = lb.adapter(&a.name, a.alpha, &[a.rank, a.fan_in], &[a.fan_out, a.rank], weight);
-        params.push(arr(&[a.rank, a.fan_in], &a.a));
-        params.push(arr(&[a.fan_out, a.rank], &a.b));
-        if weight {
-            frozen.push(arr(&[a.fan_out, a.fan_in], &a.w0));
-        }
-    }
-    for (name, shape, data) in &case.plain {
-        lb = lb.plain(name, shape);
-        params.push(arr(shape, data));
-    }
-    (Mgpo::new(NdBackend::new(), config, lb.build().unwrap()).unwrap(), params, frozen)
-}
-
-fn train<F: Element>(opt: &mut Mgpo<F>, params: &mut Vec<ArrayD<F>>, frozen: &mut Vec<ArrayD<F>>, case: &Case, steps: std::ops::Range<usize>) {
-    for k in steps {
-        let s = &case.steps[k % case.steps.len()];
-        opt.set_lr(s.lr).unwrap();
-        opt.perturb(params, frozen).unwrap();
-        let g: Vec<ArrayD<F>> = params
-            .iter()
-            .zip(&s.grads)
-            .map(|(p, g)| ArrayD::from_shape_vec(p.raw_dim(), g.iter().map(|&x| F::from(x).unwrap()).collect()).unwrap())
-            .collect();
-        opt.step(params, frozen, &g).unwrap();
-    }
-}
-
-fn same_state<F: PartialEq>(a: &State<ArrayD<F>>, b: &State<ArrayD<F>>) -> bool {
-    a.step == b.step
-        && a.skipped == b.skipped
-        && a.g_bar.iter().zip(&b.g_bar).all(|(x, y)| x.map(f64::to_bits) == y.map(f64::to_bits))
-        && a.moments.len() == b.moments.len()
-        && a.moments.iter().zip(&b.moments).all(|(x, y)| x.m == y.m && x.v == y.v)
-}
 
 /// 2N steps straight, or N steps, save, load into a fresh optimizer, N
 /// steps: the same bits.
 fn exact_resume<F: Element>(case: &Case, n: usize) -> Result<(), TestCaseError> {
-    let (mut a, mut pa, mut fa) = build::<F>(case, case.config);
-    train(&mut a, &mut pa, &mut fa, case, 0..2 * n);
+    let (mut a, mut ta) = build::<F>(case, case.config);
+    train(&mut a, &mut ta, case, 0..2 * n);
 
-    let (mut b, mut pb, mut fb) = build::<F>(case, case.config);
-    train(&mut b, &mut pb, &mut fb, case, 0..n);
+    let (mut b, mut tb) = build::<F>(case, case.config);
+    train(&mut b, &mut tb, case, 0..n);
     let bytes = b.checkpoint_bytes().unwrap();
-    let (mut c, _, _) = build::<F>(case, case.config);
+    let (mut c, _) = build::<F>(case, case.config);
     c.load_checkpoint_bytes(&bytes).unwrap();
-    train(&mut c, &mut pb, &mut fb, case, n..2 * n);
-    prop_assert!(pa == pb && fa == fb, "parameters differ after resume");
+    train(&mut c, &mut tb, case, n..2 * n);
+    prop_assert!(ta == tb, "parameters or W0 differ after resume");
     prop_assert!(same_state(a.state(), c.state()), "state differs after resume");
     Ok(())
 }
@@ -93,8 +53,8 @@ proptest! {
     #[test]
     fn loader_survives_garbage(seed in any::<u64>(), edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4), cut in any::<prop::sample::Index>(), random in prop::collection::vec(any::<u8>(), 0..256), mode in 0u8..3) {
         let case = Case::from_seed(seed);
-        let (mut opt, mut p, mut f) = build::<f32>(&case, case.config);
-        train(&mut opt, &mut p, &mut f, &case, 0..2);
+        let (mut opt, mut t) = build::<f32>(&case, case.config);
+        train(&mut opt, &mut t, &case, 0..2);
         let mut bytes = opt.checkpoint_bytes().unwrap();
         match mode {
             0 => bytes = random,
@@ -102,7 +62,7 @@ proptest! {
             _ => bytes.truncate(cut.index(bytes.len())),
         }
         let before = opt.state().clone();
-        let (mut fresh, _, _) = build::<f32>(&case, case.config);
+        let (mut fresh, _) = build::<f32>(&case, case.config);
         match fresh.load_checkpoint_bytes(&bytes) {
             // an edit the format cannot see (JSON whitespace, say) may load, but only as the original
             Ok(()) => prop_assert!(same_state(fresh.state(), &before), "a damaged checkpoint loaded as something else"),
@@ -114,11 +74,11 @@ proptest! {
 }
 
 /// A trained f32 optimizer in weight space and its checkpoint.
-fn trained() -> (Case, Mgpo<f32>, Vec<u8>) {
+fn trained() -> (Case, MgpoOptimizer<f32>, Vec<u8>) {
     let mut case = Case::from_seed(11);
     case.config = Config { space: Space::Weight, ..case.config };
-    let (mut opt, mut p, mut f) = build::<f32>(&case, case.config);
-    train(&mut opt, &mut p, &mut f, &case, 0..3);
+    let (mut opt, mut t) = build::<f32>(&case, case.config);
+    train(&mut opt, &mut t, &case, 0..3);
     let bytes = opt.checkpoint_bytes().unwrap();
     (case, opt, bytes)
 }
@@ -145,7 +105,7 @@ fn refused(bytes: &[u8]) -> CheckpointError {
     let before = opt.state().clone();
     let e = opt.load_checkpoint_bytes(bytes).unwrap_err();
     assert!(same_state(opt.state(), &before), "a refused checkpoint changed the state");
-    let (mut fresh, _, _) = build::<f32>(&case, case.config);
+    let (mut fresh, _) = build::<f32>(&case, case.config);
     assert!(fresh.load_checkpoint_bytes(bytes).is_err());
     assert_eq!(fresh.state().step, 0);
     match e {
@@ -215,7 +175,7 @@ fn each_defect_has_its_own_error() {
 fn a_checkpoint_for_other_tensors_is_refused() {
     let (_, _, good) = trained();
     let layout = Layout::builder().adapter("other", 4.0, &[2, 3], &[3, 2], true).build().unwrap();
-    let mut opt = Mgpo::<f32>::new(NdBackend::new(), serde_json::from_str(&{
+    let mut opt = MgpoOptimizer::<f32>::new(NdBackend::new(), serde_json::from_str(&{
         let (_, m) = SafeTensors::read_metadata(&good).unwrap();
         m.metadata().as_ref().unwrap()["config"].clone()
     }).unwrap(), layout).unwrap();
@@ -229,7 +189,7 @@ fn learning_rate_may_differ_and_is_kept() {
     let mut cfg = case.config;
     cfg.space = Space::Weight;
     cfg.adamw.lr = 0.123;
-    let (mut opt, _, _) = build::<f32>(&case, cfg);
+    let (mut opt, _) = build::<f32>(&case, cfg);
     opt.load_checkpoint_bytes(&good).unwrap();
     assert_eq!(opt.lr(), 0.123);
     assert!(opt.state().step > 0);
@@ -239,11 +199,11 @@ fn learning_rate_may_differ_and_is_kept() {
 #[test]
 fn f64_checkpoint_loads_into_f32_and_back() {
     let case = Case::from_seed(5);
-    let (mut a, mut p, mut f) = build::<f64>(&case, case.config);
-    train(&mut a, &mut p, &mut f, &case, 0..4);
-    let (mut b, _, _) = build::<f32>(&case, case.config);
+    let (mut a, mut t) = build::<f64>(&case, case.config);
+    train(&mut a, &mut t, &case, 0..4);
+    let (mut b, _) = build::<f32>(&case, case.config);
     b.load_checkpoint_bytes(&a.checkpoint_bytes().unwrap()).unwrap();
-    let (mut c, _, _) = build::<f64>(&case, case.config);
+    let (mut c, _) = build::<f64>(&case, case.config);
     c.load_checkpoint_bytes(&b.checkpoint_bytes().unwrap()).unwrap();
     assert_eq!(c.state().step, 4);
     for (x, y) in a.state().moments.iter().zip(&c.state().moments) {
@@ -259,13 +219,13 @@ fn save_is_atomic_and_refused_while_perturbed() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("opt.safetensors");
     let case = Case::from_seed(3);
-    let (mut opt, mut p, mut f) = build::<f32>(&case, case.config);
-    train(&mut opt, &mut p, &mut f, &case, 0..2);
+    let (mut opt, mut t) = build::<f32>(&case, case.config);
+    train(&mut opt, &mut t, &case, 0..2);
     opt.save_checkpoint(&path).unwrap();
-    opt.perturb(&mut p, &mut f).unwrap();
+    opt.perturb(&mut t).unwrap();
     assert_eq!(opt.save_checkpoint(&path).unwrap_err(), MgpoError::AlreadyPerturbed);
-    opt.unperturb(&mut p, &mut f).unwrap();
-    let (mut fresh, _, _) = build::<f32>(&case, case.config);
+    opt.unperturb(&mut t).unwrap();
+    let (mut fresh, _) = build::<f32>(&case, case.config);
     fresh.load_checkpoint(&path).unwrap();
     assert!(same_state(fresh.state(), opt.state()));
     let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().contains("tmp")).collect();
