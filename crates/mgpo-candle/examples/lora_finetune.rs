@@ -16,8 +16,8 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder, VarMap};
-use mgpo_candle::{wrap_linears, LoraConfig, LoraLinear, MgpoOptimizer};
-use mgpo_core::{Config, WarmupCosine};
+use mgpo_candle::{wrap_linears, LoraLinear, MgpoOptimizer};
+use mgpo_core::{Config, LoraConfig, WarmupCosine};
 
 /// Deterministic weights (splitmix64), so every run is the same task.
 fn weights(shape: (usize, usize), seed: u64, scale: f64, dev: &Device) -> candle_core::Result<Tensor> {

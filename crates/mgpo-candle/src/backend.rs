@@ -4,7 +4,7 @@
 //!
 //! - **CPU, f32 / f64** (the default): every update is one fused pass over
 //!   the tensors' own memory, reached through candle's public in-place op
-//!   machinery (see [`crate::cpu`]). AdamW runs [`mgpo_core::adamw_element`]
+//!   machinery (see [`crate::cpu`]). AdamW runs [`mgpo_core::backend::adamw_element`]
 //!   per element over p, g, m, v and returns sum m^2 from the same pass;
 //!   `axpy` and `add_low_rank` write y and W in place. Tensors above
 //!   [`CandleBackend::par_threshold`] elements are split over rayon's
@@ -24,8 +24,9 @@
 //! as Metal, by copying to the host).
 
 use candle_core::{DType, Device, Tensor, D};
-use mgpo_core::cpu as kernels;
-use mgpo_core::{AdamWConsts, AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
+use mgpo_core::backend::cpu as kernels;
+use mgpo_core::backend::{materialise_is_cheaper, noise, AdamWConsts, AdamWStep, FusedUpdate, HostIo, LowRank, Reduce, Tensors};
+use mgpo_core::{MgpoError, Result, Shares};
 use rayon::prelude::*;
 
 use crate::cpu::{backend_err, check_distinct, with_mut, with_refs, CpuFloat};
@@ -294,7 +295,7 @@ impl FusedUpdate for CandleBackend {
         match self.cpu_kind(&[y])? {
             Some(DType::F32) => self.axpy_noise_cpu::<f32>(y, alpha, seed),
             Some(_) => self.axpy_noise_cpu::<f64>(y, alpha, seed),
-            None => mgpo_core::noise::axpy_noise_via_host(self, y, alpha, seed),
+            None => noise::axpy_noise_via_host(self, y, alpha, seed),
         }
     }
 
@@ -388,7 +389,7 @@ impl LowRank for CandleBackend {
     }
 
     /// Forms [P R] [Q; S] with candle's matrix product where that is
-    /// cheaper than the Gram matrices ([`mgpo_core::materialise_is_cheaper`]:
+    /// cheaper than the Gram matrices ([`mgpo_core::backend::materialise_is_cheaper`]:
     /// small layers at high rank, where the product is no larger than the
     /// adapter); its sum of squares is taken in f64.
     fn low_rank_norm_sq(&self, p: &Tensor, q: &Tensor, r: &Tensor, s: &Tensor) -> Result<f64> {
@@ -399,8 +400,8 @@ impl LowRank for CandleBackend {
         if qr != rank {
             return Err(MgpoError::Backend(format!("low_rank_norm_sq: P {:?} x Q {:?} does not fit", (out, rank), (qr, inp))));
         }
-        if !mgpo_core::materialise_is_cheaper(out, inp, rank) {
-            return mgpo_core::lowrank::sum_of_products_sq(self, p, q, r, s);
+        if !materialise_is_cheaper(out, inp, rank) {
+            return mgpo_core::backend::lowrank::sum_of_products_sq(self, p, q, r, s);
         }
         let d = (|| {
             let left = Tensor::cat(&[&p.detach(), &r.detach()], 1)?;
@@ -426,5 +427,14 @@ impl HostIo for CandleBackend {
 
     fn to_f64(&self, t: &Tensor) -> Result<Vec<f64>> {
         as_f64(t)?.flatten_all().and_then(|x| x.to_vec1::<f64>()).map_err(backend_err)
+    }
+}
+
+/// A candle tensor is a reference-counted handle to its storage, so a clone
+/// is a second handle to the same values (and keeps the tensor's id, which
+/// is how a `GradStore` finds its gradient).
+impl Shares for CandleBackend {
+    fn share(&self, t: &Tensor) -> Tensor {
+        t.clone()
     }
 }

@@ -1,34 +1,16 @@
 //! The LoRA layer: peft's initialisation and scaling, dropout, merging,
 //! wrapping an existing model's layers, and training with MGPO (the
 //! factored weight-space perturbation leaves W0 bit-identical, the loss at
-//! the perturbed point differs from the clean one, the loss goes down).
+//! the perturbed point differs from the clean one, the loss goes down,
+//! gradient accumulation equals the whole batch).
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, VarBuilder, VarMap};
-use mgpo_candle::{is_target, wrap_linears, LoraConfig, LoraLinear, MgpoOptimizer};
-use mgpo_core::{Config, Space, WarmupCosine};
+use mgpo_candle::{is_target, wrap_linears, LoraLinear, MgpoOptimizer};
+use mgpo_core::{Config, LoraConfig, LoraInit, Space, WarmupCosine};
 
-fn det(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            2.0 * ((z >> 11) as f64 / (1u64 << 53) as f64) - 1.0
-        })
-        .collect()
-}
-
-fn tensor(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    Tensor::from_vec(det(shape.iter().product(), seed), shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
+mod common;
+use common::{tensor, values};
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     values(a).iter().zip(values(b)).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
@@ -46,22 +28,39 @@ fn layer(out: usize, inp: usize, cfg: &LoraConfig, dtype: DType) -> (LoraLinear,
 fn initialisation_is_peft_s() {
     let (l, vm) = layer(6, 25, &LoraConfig::new(4, 8.0), DType::F32);
     let ad = l.adapter().unwrap();
-    assert_eq!(ad.name(), "q");
-    assert_eq!(ad.a().dims(), [4, 25]);
-    assert_eq!(ad.b().dims(), [6, 4]);
+    assert_eq!(ad.name, "q");
+    assert_eq!(ad.a.dims(), [4, 25]);
+    assert_eq!(ad.b.dims(), [6, 4]);
     // kaiming_uniform_(a = sqrt 5) on fan_in 25: U(-1/5, 1/5).
-    let a = values(ad.a().as_tensor());
+    let a = values(ad.a.as_tensor());
     assert!(a.iter().all(|x| x.abs() <= 0.2), "A outside U(-0.2, 0.2)");
     assert!(a.iter().any(|x| x.abs() > 0.1), "A is not spread over its bound");
-    assert!(values(ad.b().as_tensor()).iter().all(|&x| x == 0.0));
-    assert_eq!(ad.scale(), 2.0);
-    assert_eq!(LoraConfig { rslora: true, ..LoraConfig::new(4, 8.0) }.scale(), 4.0);
+    assert!(values(ad.b.as_tensor()).iter().all(|&x| x == 0.0));
+    assert_eq!(ad.scale, 2.0);
+    assert_eq!(LoraConfig::new(4, 8.0).rslora().scale(), 4.0);
     // B = 0: the fresh layer is the base layer, exactly.
     let x = tensor(&[3, 25], 9, DType::F32);
     assert_eq!(values(&l.forward(&x).unwrap()), values(&l.base().forward(&x).unwrap()));
     let mut names: Vec<_> = vm.data().lock().unwrap().keys().cloned().collect();
     names.sort();
     assert_eq!(names, ["q.lora_a", "q.lora_b"]);
+    // The layer's variables are the map's: an update through one is seen through the other.
+    let mapped = vm.data().lock().unwrap()["q.lora_b"].clone();
+    ad.b.set(&tensor(&[6, 4], 3, DType::F32)).unwrap();
+    assert_eq!(values(mapped.as_tensor()), values(ad.b.as_tensor()));
+}
+
+/// peft's `init_lora_weights="gaussian"`: A ~ N(0, 1/r^2).
+#[test]
+fn gaussian_initialisation_has_standard_deviation_one_over_r() {
+    let cfg = LoraConfig::new(4, 8.0).init(LoraInit::Gaussian);
+    let (l, _vm) = layer(6, 2000, &cfg, DType::F64);
+    let a = values(l.adapter().unwrap().a.as_tensor());
+    let mean = a.iter().sum::<f64>() / a.len() as f64;
+    let sd = (a.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / a.len() as f64).sqrt();
+    // 8000 draws: the sample sd is within 3% of 1/4 with overwhelming probability.
+    assert!((sd - 0.25).abs() < 0.0075 && mean.abs() < 0.01, "mean {mean}, sd {sd}");
+    assert!(a.iter().any(|x| x.abs() > 0.5), "no tail: not a Gaussian");
 }
 
 #[test]
@@ -85,14 +84,14 @@ fn forward_merge_and_unmerge_agree() {
         let cfg = LoraConfig { rslora, ..LoraConfig::new(3, 7.0) };
         let (mut l, _vm) = layer(5, 4, &cfg, DType::F64);
         let ad = l.adapter().unwrap().clone();
-        ad.b().set(&tensor(&[5, 3], 5, DType::F64)).unwrap();
-        let s = ad.scale();
+        ad.b.set(&tensor(&[5, 3], 5, DType::F64)).unwrap();
+        let s = ad.scale;
         assert!(s != 1.0);
         let x = tensor(&[2, 6, 4], 6, DType::F64);
         let y = l.forward(&x).unwrap();
         // By hand: x W0^T + bias + s x A^T B^T.
         let w0 = l.base().weight().clone();
-        let ba = ad.b().as_tensor().matmul(ad.a().as_tensor()).unwrap();
+        let ba = ad.b.as_tensor().matmul(ad.a.as_tensor()).unwrap();
         let want = (x.broadcast_matmul(&w0.t().unwrap()).unwrap().broadcast_add(l.base().bias().unwrap()).unwrap()
             + x.broadcast_matmul(&ba.t().unwrap()).unwrap().affine(s, 0.0).unwrap())
         .unwrap();
@@ -117,7 +116,7 @@ fn dropout_applies_to_the_adapter_input_in_training_only() {
     let base = l.base().forward(&x).unwrap();
     // B = 0: dropout on the adapter input cannot reach the output.
     assert_eq!(values(&l.forward_t(&x, true).unwrap()), values(&base));
-    l.adapter().unwrap().b().set(&tensor(&[4, 2], 8, DType::F32)).unwrap();
+    l.adapter().unwrap().b.set(&tensor(&[4, 2], 8, DType::F32)).unwrap();
     let (e1, e2) = (l.forward_t(&x, false).unwrap(), l.forward_t(&x, false).unwrap());
     assert_eq!(values(&e1), values(&e2), "evaluation must be deterministic");
     let (t1, t2) = (l.forward_t(&x, true).unwrap(), l.forward_t(&x, true).unwrap());
@@ -144,7 +143,7 @@ fn wrap_linears_adds_adapters_to_the_chosen_layers_only() {
     let wrapped = wrap_linears(model, &["q_proj", "v_proj"], &LoraConfig::new(2, 4.0), &vb).unwrap();
     let with: Vec<_> = wrapped.iter().map(|(n, l)| (n.as_str(), l.adapter().is_some())).collect();
     assert_eq!(with, [("layers.0.q_proj", true), ("layers.0.k_proj", false), ("layers.0.v_proj", true), ("head", false)]);
-    assert_eq!(wrapped[0].1.adapter().unwrap().name(), "layers.0.q_proj");
+    assert_eq!(wrapped[0].1.adapter().unwrap().name, "layers.0.q_proj");
     assert_eq!(vm.all_vars().len(), 4);
     assert!(is_target("q_proj", &["q_proj"]) && !is_target("xq_proj", &["q_proj"]));
     let opt = MgpoOptimizer::for_lora(wrapped.iter().map(|(_, l)| l), Config::default()).unwrap();
@@ -175,7 +174,7 @@ fn training_with_mgpo_reduces_the_loss() {
             let (l, _vm) = layer(6, 10, &LoraConfig::new(4, 8.0), dtype);
             // candle's CPU generator cannot be seeded: a fixed A (within
             // the Kaiming bound 1/sqrt(10)) makes the run reproducible.
-            l.adapter().unwrap().a().set(&tensor(&[4, 10], 30, dtype).affine(0.3, 0.0).unwrap()).unwrap();
+            l.adapter().unwrap().a.set(&tensor(&[4, 10], 30, dtype).affine(0.3, 0.0).unwrap()).unwrap();
             let (x, y) = regression(dtype);
             let mut opt = MgpoOptimizer::for_lora([&l], cfg).unwrap();
             let first = mse(&l, &x, &y).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
@@ -206,7 +205,7 @@ fn weight_space_leaves_w0_bit_identical() {
     let mut perturbed_steps = 0;
     for _ in 0..25 {
         opt.perturb().unwrap();
-        let p = l.adapter().unwrap().slot().get();
+        let p = l.adapter().unwrap().slot.with(|p| p.cloned());
         let perturbed = mse(&l, &x, &y).unwrap();
         if let Some(p) = &p {
             perturbed_steps += 1;
@@ -215,7 +214,7 @@ fn weight_space_leaves_w0_bit_identical() {
             assert_eq!(fp.coef, p.coef);
         }
         opt.step(&perturbed.backward().unwrap()).unwrap();
-        assert!(l.adapter().unwrap().slot().get().is_none(), "perturbation left after step");
+        assert!(l.adapter().unwrap().slot.with(|p| p.cloned()).is_none(), "perturbation left after step");
         assert_eq!(values(l.base().weight()), w0);
         assert_eq!(values(l.base().bias().unwrap()), bias);
     }
@@ -233,23 +232,23 @@ fn factored_and_in_place_weight_space_paths_agree() {
     // The same adapter by hand, with its own W0 copy that the optimizer perturbs in place.
     let w0 = l.base().weight().copy().unwrap();
     let bias = l.base().bias().unwrap().clone();
-    let a2 = Var::from_tensor(&ad.a().as_tensor().copy().unwrap()).unwrap();
-    let b2 = Var::from_tensor(&ad.b().as_tensor().copy().unwrap()).unwrap();
+    let a2 = Var::from_tensor(&ad.a.as_tensor().copy().unwrap()).unwrap();
+    let b2 = Var::from_tensor(&ad.b.as_tensor().copy().unwrap()).unwrap();
     let mut cfg = Config::trainer_nlu(1e-2);
     cfg.rho = 0.3;
     let mut factored = MgpoOptimizer::for_lora([&l], cfg).unwrap();
-    let mut in_place = MgpoOptimizer::builder(cfg).adapter_with_w0("q", &a2, &b2, &w0, ad.scale()).build().unwrap();
+    let mut in_place = MgpoOptimizer::builder(cfg).adapter_with_w0("q", &a2, &b2, &w0, ad.scale).build().unwrap();
     let by_hand = || -> candle_core::Result<Tensor> {
         let h = (x.matmul(&w0.t()?)?.broadcast_add(&bias)?
-            + x.matmul(&a2.as_tensor().t()?)?.matmul(&b2.as_tensor().t()?)?.affine(ad.scale(), 0.0)?)?;
+            + x.matmul(&a2.as_tensor().t()?)?.matmul(&b2.as_tensor().t()?)?.affine(ad.scale, 0.0)?)?;
         candle_nn::loss::mse(&h, &y)
     };
     for k in 0..15 {
         let (lf, _) = factored.training_step(|| mse(&l, &x, &y)).unwrap();
         let (li, _) = in_place.training_step(by_hand).unwrap();
         assert!(max_diff(&lf, &li) < 1e-10, "step {k}: perturbed losses differ");
-        assert!(max_diff(ad.a().as_tensor(), a2.as_tensor()) < 1e-10, "step {k}: A differs");
-        assert!(max_diff(ad.b().as_tensor(), b2.as_tensor()) < 1e-10, "step {k}: B differs");
+        assert!(max_diff(ad.a.as_tensor(), a2.as_tensor()) < 1e-10, "step {k}: A differs");
+        assert!(max_diff(ad.b.as_tensor(), b2.as_tensor()) < 1e-10, "step {k}: B differs");
     }
 }
 
@@ -264,7 +263,7 @@ fn the_perturbed_point_differs_from_the_clean_one() {
         for _ in 0..3 {
             opt.training_step(|| mse(&l, &x, &y)).unwrap();
         }
-        let a = l.adapter().unwrap().a().clone();
+        let a = l.adapter().unwrap().a.clone();
         let clean = mse(&l, &x, &y).unwrap();
         let g_clean = clean.backward().unwrap().get(a.as_tensor()).unwrap().clone();
         opt.perturb().unwrap();
@@ -280,4 +279,74 @@ fn the_perturbed_point_differs_from_the_clean_one() {
             assert_eq!((dl, dg), (0.0, 0.0));
         }
     }
+}
+
+/// Gradient accumulation: perturb once, k micro-batches at the perturbed
+/// point, step once, is one step on the whole batch, in both spaces (the
+/// factored weight-space perturbation stays in place for every micro-batch),
+/// within the f64 conformance tolerance (rtol 1e-8, atol 1e-10).
+#[test]
+fn accumulated_micro_batches_equal_the_whole_batch() {
+    let close = |x: f64, y: f64| (x - y).abs() <= 1e-10 + 1e-8 * y.abs();
+    for cfg in [Config::paper_nlu(2e-2), Config::trainer_nlu(2e-2)] {
+        let (x, y) = regression(DType::F64);
+        let layers: Vec<(LoraLinear, VarMap)> = (0..2).map(|_| layer(6, 10, &LoraConfig::new(4, 8.0), DType::F64)).collect();
+        for (l, _) in &layers {
+            l.adapter().unwrap().a.set(&tensor(&[4, 10], 30, DType::F64).affine(0.3, 0.0).unwrap()).unwrap();
+        }
+        let (whole, parts) = (&layers[0].0, &layers[1].0);
+        let mut big = MgpoOptimizer::for_lora([whole], cfg).unwrap();
+        let mut acc = MgpoOptimizer::for_lora([parts], cfg).unwrap();
+        let k = 4;
+        let n = x.dims()[0] / k;
+        for step in 0..6 {
+            big.training_step(|| mse(whole, &x, &y)).unwrap();
+            acc.perturb().unwrap();
+            let mut grads = candle_core::backprop::GradStore::default();
+            for i in 0..k {
+                let (xi, yi) = (x.narrow(0, i * n, n).unwrap(), y.narrow(0, i * n, n).unwrap());
+                let l = (mse(parts, &xi, &yi).unwrap() / k as f64).unwrap();
+                acc.accumulate(&mut grads, l.backward().unwrap()).unwrap();
+            }
+            // Only the optimizer's tensors' gradients are kept.
+            assert_eq!(grads.get_ids().count(), 2);
+            let report = acc.step(&grads).unwrap();
+            assert_eq!(report.groups.iter().any(|g| g.perturbation_norm > 0.0), step > 0, "{:?} step {step}", cfg.space);
+            for (w, p) in [(&whole.adapter().unwrap().a, &parts.adapter().unwrap().a), (&whole.adapter().unwrap().b, &parts.adapter().unwrap().b)] {
+                for (a, b) in values(p.as_tensor()).iter().zip(values(w.as_tensor())) {
+                    assert!(close(*a, b), "{:?} step {step}: accumulated {a} vs whole batch {b}", cfg.space);
+                }
+            }
+            assert_eq!(big.state().g_bar.len(), acc.state().g_bar.len());
+            for (a, b) in acc.state().g_bar.iter().zip(&big.state().g_bar) {
+                assert!(close(a.unwrap(), b.unwrap()));
+            }
+        }
+        assert_ne!(values(parts.adapter().unwrap().b.as_tensor()), vec![0.0; 24], "nothing trained");
+    }
+}
+
+/// A micro-batch that gives a registered tensor no gradient adds nothing
+/// to it; a step whose accumulated store lacks one fails naming it.
+#[test]
+fn accumulation_keeps_what_it_has_and_a_missing_gradient_is_named() {
+    let (l, _vm) = layer(6, 10, &LoraConfig::new(4, 8.0), DType::F64);
+    let head = Var::from_tensor(&tensor(&[6], 40, DType::F64)).unwrap();
+    let (x, y) = regression(DType::F64);
+    let mut opt = MgpoOptimizer::builder(Config::paper_nlu(1e-2)).lora(&l).plain("head", &head).build().unwrap();
+    let mut grads = candle_core::backprop::GradStore::default();
+    opt.accumulate(&mut grads, mse(&l, &x, &y).unwrap().backward().unwrap()).unwrap();
+    let b_grad = values(grads.get(l.adapter().unwrap().b.as_tensor()).unwrap());
+    assert!(grads.get(head.as_tensor()).is_none());
+    let with_head = (mse(&l, &x, &y).unwrap() + head.as_tensor().sum_all().unwrap()).unwrap();
+    opt.accumulate(&mut grads, with_head.backward().unwrap()).unwrap();
+    let doubled: Vec<f64> = b_grad.iter().map(|g| 2.0 * g).collect();
+    assert_eq!(values(grads.get(l.adapter().unwrap().b.as_tensor()).unwrap()), doubled);
+    assert_eq!(values(grads.get(head.as_tensor()).unwrap()), vec![1.0; 6]);
+
+    opt.perturb().unwrap();
+    let e = opt.step(&mse(&l, &x, &y).unwrap().backward().unwrap()).unwrap_err();
+    assert_eq!(e, mgpo_core::MgpoError::MissingGradient("head".into()));
+    assert!(!opt.is_perturbed());
+    opt.step(&grads).unwrap();
 }

@@ -1,36 +1,16 @@
 //! The optimizer wrapper: `candle_nn::Optimizer` behaviour, AdamW
-//! equivalence with `candle_nn::AdamW`, registration and error handling,
-//! and the in-place backend operations on candle tensors.
+//! equivalence with `candle_nn::AdamW`, registration, parameter groups,
+//! checkpoints and error handling, and the in-place backend operations on
+//! candle tensors.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
-use mgpo_candle::{cpu_f32, cpu_f64, AdapterSpec, CandleBackend, MgpoOptimizer};
-use mgpo_core::{AdamWConfig, AdamWStep, Config, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Space, Tensors};
+use mgpo_candle::{cpu_f32, cpu_f64, CandleBackend, MgpoOptimizer};
+use mgpo_core::backend::{materialise_is_cheaper, noise, AdamWStep, FusedUpdate, HostIo, LowRank, Reduce, Tensors};
+use mgpo_core::{is_bias_or_norm, AdamWConfig, CheckpointError, Config, LoraConfig, MgpoError, ParamGroup, Space};
 
-/// Deterministic values in [-1, 1) (splitmix64).
-fn det(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            2.0 * ((z >> 11) as f64 / (1u64 << 53) as f64) - 1.0
-        })
-        .collect()
-}
-
-fn var(shape: &[usize], seed: u64, dtype: DType) -> Var {
-    let n = shape.iter().product();
-    let t = Tensor::from_vec(det(n, seed), shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
-    Var::from_tensor(&t).unwrap()
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
-}
+mod common;
+use common::{det, values, var};
 
 /// A loss whose gradient changes with the parameters: sum (v - t)^2 + 0.1 sum v^3.
 fn loss(vars: &[Var], dtype: DType) -> Tensor {
@@ -100,16 +80,31 @@ fn a_missing_gradient_is_an_error_and_leaves_parameters_clean() {
 }
 
 #[test]
-fn an_invalid_learning_rate_is_reported_by_the_next_step() {
+fn an_invalid_learning_rate_is_refused_at_once() {
     let a = var(&[3], 1, DType::F32);
+    let grads = || loss(std::slice::from_ref(&a), DType::F32).backward().unwrap();
     let mut opt = <MgpoOptimizer as Optimizer>::new(vec![a.clone()], Config::paper_nlu(0.1)).unwrap();
+    for bad in [f64::NAN, -1e-3, f64::INFINITY] {
+        let e = opt.set_lr(bad).unwrap_err();
+        assert!(matches!(e, MgpoError::InvalidConfig { field: "lr", .. }), "{e}");
+        assert_eq!(opt.lr(), 0.1);
+    }
+    // The trait cannot return the error: the rate stays, the next step reports it and changes nothing.
     Optimizer::set_learning_rate(&mut opt, f64::NAN);
     assert_eq!(Optimizer::learning_rate(&opt), 0.1);
-    let e = opt.step(&loss(std::slice::from_ref(&a), DType::F32).backward().unwrap()).unwrap_err();
+    let before = values(&a);
+    opt.perturb().unwrap();
+    let e = opt.step(&grads()).unwrap_err();
     assert!(matches!(e, MgpoError::InvalidConfig { field: "lr", .. }), "{e}");
+    assert!(!opt.is_perturbed());
+    assert_eq!((values(&a), opt.state().step), (before, 0));
+    opt.step(&grads()).unwrap();
+    // A valid rate given to the trait withdraws a refused one.
+    Optimizer::set_learning_rate(&mut opt, -1.0);
     Optimizer::set_learning_rate(&mut opt, 0.2);
     assert_eq!(opt.lr(), 0.2);
-    opt.step(&loss(std::slice::from_ref(&a), DType::F32).backward().unwrap()).unwrap();
+    assert!(Optimizer::step(&mut opt, &grads()).is_ok());
+    assert_eq!(opt.state().step, 2);
 }
 
 #[test]
@@ -121,6 +116,16 @@ fn registration_errors_are_typed() {
     assert!(matches!(e, MgpoError::DuplicateName(_) | MgpoError::AdapterShape { .. }), "{e}");
     let e = MgpoOptimizer::builder(Config::default()).adapter("q", &b, &b, 2.0).build().unwrap_err();
     assert!(matches!(e, MgpoError::DuplicateName(_) | MgpoError::AdapterShape { .. }), "{e}");
+    // A square A given as B too would fit every shape: refused by identity.
+    let sq = var(&[2, 2], 4, DType::F32);
+    let e = MgpoOptimizer::builder(Config::default()).adapter("q", &sq, &sq, 1.0).build().unwrap_err();
+    assert_eq!(e, MgpoError::DuplicateName("q.b".into()));
+    // A view of a registered variable shares its storage: refused as well.
+    let flat = var(&[8], 5, DType::F32);
+    let w0 = flat.as_tensor().reshape((4, 2)).unwrap();
+    let a2 = var(&[2, 2], 6, DType::F32);
+    let e = MgpoOptimizer::builder(Config::default()).plain("flat", &flat).adapter_with_w0("q", &a2, &b, &w0, 1.0).build().unwrap_err();
+    assert_eq!(e, MgpoError::DuplicateName("q.w0".into()));
     let c = var(&[2, 3], 3, DType::F64);
     let e = MgpoOptimizer::builder(Config::default()).plain("x", &a).plain("y", &c).build().unwrap_err();
     assert!(e.to_string().contains("dtype"), "{e}");
@@ -138,15 +143,17 @@ fn a_varmap_gives_adapters_by_path_and_the_rest_as_plain_tensors() {
     vb.pp("q").get((2, 5), "lora_a").unwrap();
     vb.pp("q").get((3, 2), "lora_b").unwrap();
     vb.get((3, 3), "head").unwrap();
-    let opt = MgpoOptimizer::builder(Config::default()).varmap(&vm, &[AdapterSpec::lora("q", 4.0)]).build().unwrap();
+    let opt = MgpoOptimizer::builder(Config::default()).varmap(&vm, &["q"], &LoraConfig::new(2, 4.0)).build().unwrap();
     let names: Vec<_> = opt.layout().tensors().iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["q.a", "q.b", "head"]);
     // alpha 4 over rank 2.
     assert_eq!(opt.layout().adapters()[0].scale, 2.0);
-    let opt = MgpoOptimizer::builder(Config::default()).varmap(&vm, &[AdapterSpec::lora("q", 4.0).rslora()]).build().unwrap();
+    let opt = MgpoOptimizer::builder(Config::default()).varmap(&vm, &["q"], &LoraConfig::new(2, 4.0).rslora()).build().unwrap();
     assert_eq!(opt.layout().adapters()[0].scale, 4.0 / 2f64.sqrt());
-    let e = MgpoOptimizer::builder(Config::default()).varmap(&vm, &[AdapterSpec::lora("k", 1.0)]).build().unwrap_err();
+    let e = MgpoOptimizer::builder(Config::default()).varmap(&vm, &["k"], &LoraConfig::new(2, 1.0)).build().unwrap_err();
     assert_eq!(e, MgpoError::UnknownName("k.lora_a".into()));
+    let e = MgpoOptimizer::builder(Config::default()).varmap(&vm, &["q"], &LoraConfig::new(3, 1.0)).build().unwrap_err();
+    assert!(matches!(&e, MgpoError::AdapterShape { name, .. } if name == "q"), "{e}");
 }
 
 /// In weight space with W0 given to the optimizer, `perturb` writes W0 in
@@ -315,7 +322,7 @@ fn a_checkpoint_resumes_exactly() {
 #[test]
 fn low_rank_norm_sq_matches_its_definition_in_both_regimes() {
     for (out, inp, r) in [(6usize, 5usize, 8usize), (40, 30, 2)] {
-        assert_eq!(mgpo_core::materialise_is_cheaper(out, inp, r), r == 8);
+        assert_eq!(materialise_is_cheaper(out, inp, r), r == 8);
         let (p, q, rr, s) = (det(out * r, 1), det(r * inp, 2), det(out * r, 3), det(r * inp, 4));
         let mut want = 0.0;
         for o in 0..out {
@@ -342,7 +349,7 @@ fn low_rank_norm_sq_matches_its_definition_in_both_regimes() {
 fn gaussian_axpy_is_drawn_in_place_with_the_reference_bits() {
     let (n, alpha, seed) = (70_000usize, 0.3, 99u64);
     let y0 = det(n, 5);
-    let want: Vec<f32> = y0.iter().enumerate().map(|(i, &y)| y as f32 + (alpha * mgpo_core::noise::gaussian(seed, i as u64)) as f32).collect();
+    let want: Vec<f32> = y0.iter().enumerate().map(|(i, &y)| y as f32 + (alpha * noise::gaussian(seed, i as u64)) as f32).collect();
     for be in [cpu_f32(), CandleBackend { par_threshold: usize::MAX, ..cpu_f32() }] {
         let mut y = be.from_f64(&[n], &y0).unwrap();
         be.axpy_noise(&mut y, alpha, seed).unwrap();
@@ -352,4 +359,89 @@ fn gaussian_axpy_is_drawn_in_place_with_the_reference_bits() {
     let mut y = be.from_f64(&[n], &y0).unwrap();
     be.axpy_noise(&mut y, alpha, seed).unwrap();
     assert!(y.to_vec1::<f32>().unwrap().iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-6 * (1.0 + b.abs())));
+}
+
+/// Two adapters of one shape registered in the other order are other
+/// tensors: a checkpoint of one optimizer is refused by the other, with an
+/// error naming them, and the refused load changes nothing.
+#[test]
+fn a_checkpoint_of_swapped_same_shape_adapters_is_refused() {
+    let path = std::env::temp_dir().join(format!("mgpo-candle-swap-{}.safetensors", std::process::id()));
+    let (qa, qb, va, vb) = (var(&[2, 5], 1, DType::F32), var(&[4, 2], 2, DType::F32), var(&[2, 5], 3, DType::F32), var(&[4, 2], 4, DType::F32));
+    let all = [qa.clone(), qb.clone(), va.clone(), vb.clone()];
+    let mut saved = MgpoOptimizer::builder(Config::paper_nlu(0.05)).adapter("q", &qa, &qb, 2.0).adapter("v", &va, &vb, 2.0).build().unwrap();
+    for _ in 0..2 {
+        saved.training_step(|| Ok(loss(&all, DType::F32))).unwrap();
+    }
+    saved.save_checkpoint(&path).unwrap();
+    let mut swapped = MgpoOptimizer::builder(Config::paper_nlu(0.05)).adapter("v", &va, &vb, 2.0).adapter("q", &qa, &qb, 2.0).build().unwrap();
+    let e = swapped.load_checkpoint(&path).unwrap_err();
+    match &e {
+        MgpoError::Checkpoint(CheckpointError::LayoutMismatch(msg)) => assert!(msg.contains("\"q.a\", \"q.b\", \"v.a\"") && msg.contains("\"v.a\", \"v.b\", \"q.a\""), "{msg}"),
+        other => panic!("expected a layout mismatch, got {other}"),
+    }
+    assert_eq!(swapped.state().step, 0);
+    assert!(swapped.state().moments.is_empty());
+    // Registered in the same order, it loads.
+    let mut same = MgpoOptimizer::builder(Config::paper_nlu(0.05)).adapter("q", &qa, &qb, 2.0).adapter("v", &va, &vb, 2.0).build().unwrap();
+    same.load_checkpoint(&path).unwrap();
+    assert_eq!(same.state().step, 2);
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// Parameter groups change AdamW's hyper-parameters of exactly their
+/// tensors: with no-decay on biases and LayerNorm weights and a half
+/// learning rate on one B, each tensor ends bit-identical to a run with its
+/// group's settings for every tensor. The loss is a sum of one term per
+/// tensor and rho = 0, so no tensor's update depends on another's.
+#[test]
+fn parameter_groups_change_exactly_their_tensors() {
+    let shapes: [(&str, &[usize]); 5] = [("q.a", &[2, 5]), ("q.b", &[4, 2]), ("head.weight", &[3, 4]), ("head.bias", &[3]), ("encoder.LayerNorm.weight", &[4])];
+    let adamw = |lr: f64, weight_decay: f64| Config::adamw(AdamWConfig { lr, weight_decay, ..AdamWConfig::default() });
+    let run = |config: Config, groups: bool| -> Vec<Vec<f64>> {
+        let vars: Vec<Var> = shapes.iter().enumerate().map(|(i, (_, s))| var(s, i as u64, DType::F64)).collect();
+        let mut b = MgpoOptimizer::builder(config).adapter("q", &vars[0], &vars[1], 2.0);
+        for (v, (name, _)) in vars.iter().zip(&shapes).skip(2) {
+            b = b.plain(name, v);
+        }
+        if groups {
+            b = b.param_group(ParamGroup::new("slow").lr_scale(0.5), &["q.b"]).param_group_where(ParamGroup::no_decay(), is_bias_or_norm);
+        }
+        let mut opt = b.build().unwrap();
+        for _ in 0..8 {
+            opt.training_step(|| Ok(loss(&vars, DType::F64))).unwrap();
+        }
+        if groups {
+            let group_of: Vec<usize> = opt.layout().tensors().iter().map(|t| t.param_group).collect();
+            assert_eq!(group_of, [0, 1, 0, 2, 2]);
+        }
+        vars.iter().map(|v| values(v)).collect()
+    };
+    let grouped = run(adamw(0.05, 0.1), true);
+    let (decay, no_decay, slow) = (run(adamw(0.05, 0.1), false), run(adamw(0.05, 0.0), false), run(adamw(0.025, 0.1), false));
+    let want = [&decay[0], &slow[1], &decay[2], &no_decay[3], &no_decay[4]];
+    for ((got, want), (name, _)) in grouped.iter().zip(want).zip(&shapes) {
+        assert_eq!(got, want, "{name}");
+    }
+    // The settings differ enough to tell the groups apart.
+    assert_ne!(decay[3], no_decay[3]);
+    assert_ne!(decay[1], slow[1]);
+}
+
+/// A loss closure that fails leaves the tensors clean and the state as it was.
+#[test]
+fn a_failed_loss_in_training_step_leaves_the_tensors_clean() {
+    let (a, b) = (var(&[3, 2], 1, DType::F64), var(&[2], 2, DType::F64));
+    let both = [a.clone(), b.clone()];
+    let mut opt = MgpoOptimizer::builder(Config::paper_nlu(0.1)).plain("a", &a).plain("b", &b).build().unwrap();
+    for _ in 0..2 {
+        opt.training_step(|| Ok(loss(&both, DType::F64))).unwrap();
+    }
+    let before = (values(&a), values(&b));
+    let e = opt.training_step(|| a.as_tensor().matmul(b.as_tensor())).unwrap_err();
+    assert!(matches!(e, MgpoError::Backend(_)), "{e}");
+    assert!(!opt.is_perturbed());
+    assert_eq!((values(&a), values(&b)), before);
+    assert_eq!(opt.state().step, 2);
+    assert!(format!("{opt:?}").contains(r#"tensors: ["a", "b"], step: 2, perturbed: false"#));
 }
