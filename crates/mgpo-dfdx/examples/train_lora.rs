@@ -15,10 +15,9 @@
 
 use dfdx::nn::modules::ReLU;
 use dfdx::nn::{BuildModule, Module, ZeroGrads};
-use dfdx::optim::Optimizer;
 use dfdx::prelude::*;
-use mgpo_core::{Config, WarmupCosine};
-use mgpo_dfdx::{DfdxMgpo, LoraConfig, LoraLinear};
+use mgpo_core::{Config, LoraConfig, WarmupCosine};
+use mgpo_dfdx::{LoraLinear, MgpoOptimizer};
 
 const IN: usize = 16;
 const HID: usize = 32;
@@ -35,19 +34,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let dev = Cpu::seed_from_u64(0);
     let mut model = Net::try_build(&dev)?;
-    model.0.set_config(LoraConfig::new(8.0))?;
-    model.2.set_config(LoraConfig::new(8.0))?;
+    model.0.set_config(LoraConfig::new(4, 8.0))?;
+    model.2.set_config(LoraConfig::new(4, 8.0))?;
     let mut teacher = model.clone();
     teacher.0.weight = teacher.0.weight.clone() + dev.sample_normal::<Rank2<HID, 2>>().matmul(dev.sample_normal::<Rank2<2, IN>>()) * 0.25;
     teacher.2.weight = teacher.2.weight.clone() + dev.sample_normal::<Rank2<OUT, 2>>().matmul(dev.sample_normal::<Rank2<2, HID>>()) * 0.25;
     let x: Tensor<Rank2<N, IN>, f32, Cpu> = dev.sample_normal();
     let y = teacher.forward(x.clone());
 
-    let mut opt = DfdxMgpo::new(&model, config)?;
+    let mut opt = MgpoOptimizer::new(&model, config)?;
     println!(
         "preset {preset}: {} trainable tensors ({} adapters), space {:?}, rho {}",
-        opt.trainable_names().len(),
-        opt.mgpo().layout().adapters().len(),
+        opt.layout().tensors().len(),
+        opt.layout().adapters().len(),
         config.space,
         config.rho
     );
@@ -59,9 +58,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let loss = dfdx::losses::mse_loss(model.forward(x.clone().traced(grads)), y.clone());
         let at_perturbed = loss.array();
         grads = loss.backward();
-        opt.update(&mut model, &grads)?;
+        let r = opt.step(&mut model, &grads)?;
         model.zero_grads(&mut grads);
-        let r = opt.last_report().ok_or("no step report")?;
         println!(
             "step {:>4}  loss {at_perturbed:.6}  lr {:.2e}  |g| {:.4}  |eps| {:.4}{}",
             k + 1,

@@ -7,18 +7,19 @@
 //! by copying (`copy_from`). The optimizer's tensors therefore live in that
 //! same storage buffer type, owned outright ([`DfTensor`]), so that every
 //! element-wise update is one fused pass over slices, exactly as
-//! [`mgpo_core::adamw_element`] prescribes, with no copy in between. The
-//! model-facing optimizer ([`crate::DfdxMgpo`]) moves a model's tensors in
-//! and out with one copy each way; [`DfTensor::from_tensor`] and
-//! [`DfTensor::to_tensor`] do the same for callers.
+//! [`mgpo_core::backend::adamw_element`] prescribes, with no copy in
+//! between. The model-facing optimizer ([`crate::MgpoOptimizer`]) moves a
+//! model's tensors in and out of buffers it keeps with one copy each way
+//! ([`DfTensor::read_from`], [`DfTensor::write_into`]);
+//! [`DfTensor::from_tensor`] and [`DfTensor::to_tensor`] do the same for callers.
 
 use std::fmt;
 use std::marker::PhantomData;
 
 use dfdx::shapes::{Dtype, HasShape, Shape};
 use dfdx::tensor::{Cpu, Storage, Tensor, TensorFromVec};
-use mgpo_core::cpu as kernels;
-use mgpo_core::{AdamWStep, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
+use mgpo_core::backend::{cpu as kernels, AdamWStep, FusedUpdate, HostIo, LowRank, Reduce, Tensors};
+use mgpo_core::{MgpoError, Result};
 use num_traits::Float;
 
 /// Element types of the backend: f32 and f64. The two methods expose dfdx's
@@ -100,6 +101,18 @@ impl<E: Element> DfTensor<E> {
             return Err(MgpoError::Backend(format!("to_tensor: tensor is {:?}, asked for {dims:?}", self.shape)));
         }
         dev.try_tensor_from_vec(self.as_slice().to_vec(), s).map_err(cpu_err)
+    }
+
+    /// Copies a dfdx tensor of the same dimensions into this one, without
+    /// allocating. The tensor must be dense row-major (as dfdx allocates
+    /// module tensors and gradients): its storage is copied as it lies.
+    pub fn read_from<S: Shape, T>(&mut self, t: &Tensor<S, E, Cpu, T>) -> Result<()> {
+        let dims: Vec<usize> = t.shape().concrete().into();
+        if dims != self.shape {
+            return Err(MgpoError::Backend(format!("read_from: tensor is {dims:?}, buffer is {:?}", self.shape)));
+        }
+        t.copy_into(self.as_mut_slice());
+        Ok(())
     }
 
     /// Writes these elements into a dfdx tensor of the same dimensions, in
@@ -235,7 +248,7 @@ impl<E: Element> FusedUpdate for DfdxBackend<E> {
         Ok(())
     }
 
-    /// One pass of [`mgpo_core::adamw_element`] over p, g, m, v, summing the new m^2 in f64.
+    /// One pass of [`mgpo_core::backend::adamw_element`] over p, g, m, v, summing the new m^2 in f64.
     fn adamw(&self, p: &mut DfTensor<E>, g: &DfTensor<E>, m: &mut DfTensor<E>, v: &mut DfTensor<E>, k: &AdamWStep) -> Result<f64> {
         same_shape("adamw grad", p, g)?;
         same_shape("adamw m", p, m)?;

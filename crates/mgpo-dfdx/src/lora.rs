@@ -1,77 +1,63 @@
 //! [`LoraLinear`]: a dfdx linear layer with a low-rank adapter,
 //!
 //! ```text
-//! y = W0 x + b + s B (A x)        s = alpha / r   (rsLoRA: alpha / sqrt(r))
+//! y = W0 x + b + s B (A dropout(x))        s = lora_scale(alpha, r, rslora)
 //! ```
 //!
-//! with peft's semantics: W0 (O x I) and b are frozen, A (R x I) starts
-//! Kaiming-uniform with a = sqrt(5) (U(-1/sqrt(I), 1/sqrt(I))), B (O x R)
-//! starts at zero, so a fresh adapter leaves the base output unchanged; the
-//! base output is not scaled. [`LoraLinear::merge`] folds s B A into W0 and
-//! [`LoraLinear::unmerge`] takes it out again.
+//! configured by the one [`LoraConfig`] of mgpo-core, with peft's
+//! semantics: W0 (O x I) and b are frozen; A (R x I) starts
+//! Kaiming-uniform with a = sqrt(5) (U(-1/sqrt(I), 1/sqrt(I))) or, with
+//! [`LoraInit::Gaussian`], N(0, 1/R^2); B (O x R) starts at zero, so a
+//! fresh adapter leaves the base output unchanged; the base output is not
+//! scaled. Dropout (probability `dropout`) applies to the adapter's input
+//! in dfdx's training forward (`forward_mut`) only. [`LoraLinear::merge`]
+//! folds s B A into W0 and [`LoraLinear::unmerge`] takes it out again.
 //!
 //! LoRA-MGPO's weight-space perturbation is applied in factored form: while
-//! [`crate::DfdxMgpo`] has the model perturbed, the layer also adds
+//! [`crate::MgpoOptimizer`] has the model perturbed, the layer also adds
 //!
 //! ```text
 //! coef (m_B (A_c x) + B_c (m_A x))
 //! ```
 //!
-//! where A_c, B_c are copies of the clean A, B taken at perturb time (fresh
-//! tensors, so no gradient of this term reaches A or B) and m_A, m_B are
-//! AdamW's first moments. That is exactly (W0 + eps_D) x with
+//! where A_c, B_c are copies of the clean A, B taken at perturb time (tensors
+//! of their own, so no gradient of this term reaches A or B) and m_A, m_B
+//! are AdamW's first moments. That is exactly (W0 + eps_D) x with
 //! eps_D = coef (m_B A + B m_A), without ever writing W0.
 //!
 //! Every piece of state is a tensor of the dfdx `TensorCollection`, so
 //! saving, loading, `to_dtype` and `to_device` keep it: the scaling s, the
-//! merged flag and the perturbation (rank-0 tensors and detached factors).
-//! dfdx's `reset_params` resets the layer as a fresh build would, which
-//! sets s back to 1: call [`LoraLinear::set_config`] again after it.
+//! dropout probability, the merged flag and the perturbation. dfdx's
+//! `reset_params` resets the layer as a fresh build would, which sets s back
+//! to 1 and the dropout to 0: call [`LoraLinear::set_config`] again after it.
 
 use std::fmt;
 
 use dfdx::nn::modules::Linear;
-use dfdx::nn::{BuildModule, Module, ModuleVisitor, NonMutableModule, TensorCollection, TensorOptions};
+use dfdx::nn::{BuildModule, Module, ModuleMut, ModuleVisitor, TensorCollection, TensorOptions};
 use dfdx::prelude::*;
+use mgpo_core::{lora_scale, LoraConfig, LoraInit, MgpoError};
 use num_traits::Float;
 use rand_distr::uniform::SampleUniform;
-use rand_distr::Uniform;
+use rand_distr::{Distribution, Normal, StandardNormal, Uniform};
 
-/// The adapter's scaling, as peft's `lora_alpha` and `use_rslora`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LoraConfig {
-    pub alpha: f64,
-    /// rsLoRA: s = alpha / sqrt(r) instead of alpha / r.
-    pub rslora: bool,
-}
-
-impl LoraConfig {
-    pub fn new(alpha: f64) -> Self {
-        LoraConfig { alpha, rslora: false }
-    }
-    pub fn rslora(alpha: f64) -> Self {
-        LoraConfig { alpha, rslora: true }
-    }
-    /// s for rank `r`.
-    pub fn scale(&self, r: usize) -> f64 {
-        let r = r as f64;
-        if self.rslora {
-            self.alpha / r.sqrt()
-        } else {
-            self.alpha / r
-        }
-    }
-}
-
-/// What a [`LoraLinear`] call can refuse.
+/// What a [`LoraLinear`] call can refuse. A refused call changes nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LoraError {
-    /// `merge` on a merged layer, or a change of scaling while merged.
+    /// `merge` on a merged layer, or a change of configuration while merged.
     AlreadyMerged,
     /// `unmerge` on a layer that is not merged.
     NotMerged,
-    /// A scaling that is not a finite number, or a rank of 0.
-    InvalidConfig(String),
+    /// The configuration's rank is not the layer's R.
+    RankMismatch {
+        /// `LoraConfig::rank`.
+        config: usize,
+        /// The layer's const generic R.
+        layer: usize,
+    },
+    /// A configuration field out of range (see `LoraConfig::validate`), or
+    /// a scaling that the layer's dtype cannot hold.
+    InvalidConfig(MgpoError),
     /// The device failed.
     Device(String),
 }
@@ -81,7 +67,8 @@ impl fmt::Display for LoraError {
         match self {
             LoraError::AlreadyMerged => f.write_str("the adapter is merged into the base weight: unmerge it first"),
             LoraError::NotMerged => f.write_str("the adapter is not merged"),
-            LoraError::InvalidConfig(s) => write!(f, "invalid LoRA configuration: {s}"),
+            LoraError::RankMismatch { config, layer } => write!(f, "LoraConfig has rank {config}, but the layer's rank R is {layer}"),
+            LoraError::InvalidConfig(e) => write!(f, "{e}"),
             LoraError::Device(s) => write!(f, "device: {s}"),
         }
     }
@@ -97,8 +84,9 @@ fn dev_err<T: fmt::Display>(e: T) -> LoraError {
 ///
 /// Tensor names in the dfdx collection (and so in saved files): `weight`,
 /// `bias` (frozen), `lora_a`, `lora_b` (trained), `lora_scale`,
-/// `lora_merged` (rank 0), and the perturbation `mgpo_coef`, `mgpo_a`,
-/// `mgpo_b`, `mgpo_ma`, `mgpo_mb`, which [`crate::DfdxMgpo`] writes.
+/// `lora_dropout`, `lora_merged` (rank 0), and the perturbation
+/// `mgpo_coef`, `mgpo_a`, `mgpo_b`, `mgpo_ma`, `mgpo_mb`, which
+/// [`crate::MgpoOptimizer`] writes.
 #[derive(Debug, Clone)]
 pub struct LoraLinear<const I: usize, const O: usize, const R: usize, E: Dtype, D: Storage<E>> {
     /// W0, O x I, frozen (W0 + s B A while merged).
@@ -110,6 +98,7 @@ pub struct LoraLinear<const I: usize, const O: usize, const R: usize, E: Dtype, 
     /// B, O x R.
     pub lora_b: Tensor<Rank2<O, R>, E, D>,
     pub(crate) lora_scale: Tensor<Rank0, E, D>,
+    pub(crate) lora_dropout: Tensor<Rank0, E, D>,
     pub(crate) lora_merged: Tensor<Rank0, E, D>,
     /// coef of the factored perturbation; 0 when none is applied.
     pub(crate) mgpo_coef: Tensor<Rank0, E, D>,
@@ -117,9 +106,9 @@ pub struct LoraLinear<const I: usize, const O: usize, const R: usize, E: Dtype, 
     pub(crate) mgpo_a: Tensor<Rank2<R, I>, E, D>,
     /// B_c, the clean B at perturb time.
     pub(crate) mgpo_b: Tensor<Rank2<O, R>, E, D>,
-    /// coef m_A.
+    /// m_A.
     pub(crate) mgpo_ma: Tensor<Rank2<R, I>, E, D>,
-    /// coef m_B.
+    /// m_B.
     pub(crate) mgpo_mb: Tensor<Rank2<O, R>, E, D>,
 }
 
@@ -129,27 +118,37 @@ pub(crate) mod names {
     pub const B: &str = "lora_b";
     pub const SCALE: &str = "lora_scale";
     pub const MERGED: &str = "lora_merged";
-    pub const COEF: &str = "mgpo_coef";
-    pub const PA: &str = "mgpo_a";
-    pub const PB: &str = "mgpo_b";
-    pub const PMA: &str = "mgpo_ma";
-    pub const PMB: &str = "mgpo_mb";
+    /// The factored perturbation, in the order of `walk::Role::Factor`.
+    pub const FACTORS: [&str; 5] = ["mgpo_coef", "mgpo_a", "mgpo_b", "mgpo_ma", "mgpo_mb"];
 }
+
+/// A batch of `batch x F` rows.
+type Rows<Bt, const F: usize, E, D, T> = Tensor<(Bt, Const<F>), E, D, T>;
 
 fn first<E: Dtype, D: Storage<E>>(t: &Tensor<Rank0, E, D>) -> E {
     t.as_vec().first().copied().unwrap_or_default()
 }
 
+fn bad_value(field: &'static str, value: f64) -> LoraError {
+    LoraError::InvalidConfig(MgpoError::InvalidConfig { field, value: value.to_string(), reason: "does not fit the layer's dtype" })
+}
+
 impl<const I: usize, const O: usize, const R: usize, E, D> LoraLinear<I, O, R, E, D>
 where
     E: Dtype + Float + SampleUniform,
+    StandardNormal: Distribution<E>,
     D: Device<E>,
 {
     /// A fresh layer: W0 and b as dfdx's `Linear` (U(-1/sqrt(I), 1/sqrt(I))),
-    /// A Kaiming-uniform, B zero, scaling from `cfg`.
+    /// A by `cfg.init`, B zero, scaling and dropout from `cfg`, whose rank
+    /// must be R.
     pub fn try_new(dev: &D, cfg: LoraConfig) -> Result<Self, LoraError> {
         let mut m = Self::try_build(dev).map_err(dev_err)?;
         m.set_config(cfg)?;
+        if cfg.init == LoraInit::Gaussian {
+            let normal = Normal::new(E::zero(), E::one() / E::from(R).ok_or_else(|| bad_value("lora.rank", R as f64))?).map_err(dev_err)?;
+            m.lora_a.try_fill_with_distr(normal).map_err(dev_err)?;
+        }
         Ok(m)
     }
 
@@ -161,24 +160,33 @@ where
         Ok(m)
     }
 
-    /// Sets s = alpha / R (or alpha / sqrt(R)). Refused while merged, since
-    /// the merged weight holds the old s.
+    /// Sets s = `lora_scale(alpha, R, rslora)` and the dropout probability
+    /// (`cfg.init` only matters to [`LoraLinear::try_new`]). Refused while
+    /// merged, since the merged weight holds the old s.
     pub fn set_config(&mut self, cfg: LoraConfig) -> Result<(), LoraError> {
-        let s = cfg.scale(R);
-        if R == 0 || !s.is_finite() {
-            return Err(LoraError::InvalidConfig(format!("alpha {} with rank {R} gives scaling {s}", cfg.alpha)));
+        cfg.validate().map_err(LoraError::InvalidConfig)?;
+        if cfg.rank != R {
+            return Err(LoraError::RankMismatch { config: cfg.rank, layer: R });
         }
         if self.is_merged() {
             return Err(LoraError::AlreadyMerged);
         }
-        let s = E::from(s).ok_or_else(|| LoraError::InvalidConfig(format!("scaling {s} does not fit the dtype")))?;
+        let s = lora_scale(cfg.alpha, R, cfg.rslora);
+        let s = E::from(s).filter(|x| x.is_finite()).ok_or_else(|| bad_value("lora.alpha", cfg.alpha))?;
+        let p = E::from(cfg.dropout).ok_or_else(|| bad_value("lora.dropout", cfg.dropout))?;
         self.lora_scale.copy_from(&[s]);
+        self.lora_dropout.copy_from(&[p]);
         Ok(())
     }
 
     /// The scaling s, as stored (in the layer's dtype).
     pub fn scale(&self) -> f64 {
         first(&self.lora_scale).to_f64().unwrap_or(f64::NAN)
+    }
+
+    /// The dropout probability of the adapter's input in training.
+    pub fn dropout(&self) -> f64 {
+        first(&self.lora_dropout).to_f64().unwrap_or(f64::NAN)
     }
 
     pub fn is_merged(&self) -> bool {
@@ -237,8 +245,6 @@ fn one<S: Shape, E: Dtype, D: Device<E>>(t: &mut Tensor<S, E, D>) -> Result<(), 
     t.try_fill_with_ones()
 }
 
-impl<const I: usize, const O: usize, const R: usize, E: Dtype, D: Storage<E>> NonMutableModule for LoraLinear<I, O, R, E, D> {}
-
 impl<const I: usize, const O: usize, const R: usize, E, D> TensorCollection<E, D> for LoraLinear<I, O, R, E, D>
 where
     E: Dtype + Float + SampleUniform,
@@ -248,6 +254,7 @@ where
 
     fn iter_tensors<V: ModuleVisitor<Self, E, D>>(visitor: &mut V) -> Result<Option<Self::To<V::E2, V::D2>>, V::Err> {
         use names::*;
+        let [coef, pa, pb, pma, pmb] = FACTORS;
         visitor.visit_fields(
             (
                 (
@@ -255,35 +262,44 @@ where
                     Self::tensor("bias", |s| &s.bias, |s| &mut s.bias, TensorOptions::detached(fan_in_uniform::<_, I, E, D>)),
                     Self::tensor(A, |s| &s.lora_a, |s| &mut s.lora_a, TensorOptions::reset_with(fan_in_uniform::<_, I, E, D>)),
                     Self::tensor(B, |s| &s.lora_b, |s| &mut s.lora_b, TensorOptions::reset_to_zeros()),
+                ),
+                (
                     Self::tensor(SCALE, |s| &s.lora_scale, |s| &mut s.lora_scale, TensorOptions::detached(one)),
+                    Self::tensor("lora_dropout", |s| &s.lora_dropout, |s| &mut s.lora_dropout, TensorOptions::detached(zero)),
                     Self::tensor(MERGED, |s| &s.lora_merged, |s| &mut s.lora_merged, TensorOptions::detached(zero)),
                 ),
                 (
-                    Self::tensor(COEF, |s| &s.mgpo_coef, |s| &mut s.mgpo_coef, TensorOptions::detached(zero)),
-                    Self::tensor(PA, |s| &s.mgpo_a, |s| &mut s.mgpo_a, TensorOptions::detached(zero)),
-                    Self::tensor(PB, |s| &s.mgpo_b, |s| &mut s.mgpo_b, TensorOptions::detached(zero)),
-                    Self::tensor(PMA, |s| &s.mgpo_ma, |s| &mut s.mgpo_ma, TensorOptions::detached(zero)),
-                    Self::tensor(PMB, |s| &s.mgpo_mb, |s| &mut s.mgpo_mb, TensorOptions::detached(zero)),
+                    Self::tensor(coef, |s| &s.mgpo_coef, |s| &mut s.mgpo_coef, TensorOptions::detached(zero)),
+                    Self::tensor(pa, |s| &s.mgpo_a, |s| &mut s.mgpo_a, TensorOptions::detached(zero)),
+                    Self::tensor(pb, |s| &s.mgpo_b, |s| &mut s.mgpo_b, TensorOptions::detached(zero)),
+                    Self::tensor(pma, |s| &s.mgpo_ma, |s| &mut s.mgpo_ma, TensorOptions::detached(zero)),
+                    Self::tensor(pmb, |s| &s.mgpo_mb, |s| &mut s.mgpo_mb, TensorOptions::detached(zero)),
                 ),
             ),
-            |((weight, bias, lora_a, lora_b, lora_scale, lora_merged), (mgpo_coef, mgpo_a, mgpo_b, mgpo_ma, mgpo_mb))| {
-                LoraLinear { weight, bias, lora_a, lora_b, lora_scale, lora_merged, mgpo_coef, mgpo_a, mgpo_b, mgpo_ma, mgpo_mb }
+            |((weight, bias, lora_a, lora_b), (lora_scale, lora_dropout, lora_merged), (mgpo_coef, mgpo_a, mgpo_b, mgpo_ma, mgpo_mb))| LoraLinear {
+                weight,
+                bias,
+                lora_a,
+                lora_b,
+                lora_scale,
+                lora_dropout,
+                lora_merged,
+                mgpo_coef,
+                mgpo_a,
+                mgpo_b,
+                mgpo_ma,
+                mgpo_mb,
             },
         )
     }
 }
 
-/// Batched forward, x of shape (batch, I).
-impl<Bt: Dim, const I: usize, const O: usize, const R: usize, E, D, T> Module<Tensor<(Bt, Const<I>), E, D, T>> for LoraLinear<I, O, R, E, D>
-where
-    E: Dtype,
-    D: Device<E>,
-    T: Tape<E, D> + Merge<NoneTape> + Merge<T>,
-{
-    type Output = Tensor<(Bt, Const<O>), E, D, T>;
-    type Error = D::Err;
-
-    fn try_forward(&self, x: Tensor<(Bt, Const<I>), E, D, T>) -> Result<Self::Output, D::Err> {
+impl<const I: usize, const O: usize, const R: usize, E: Dtype, D: Device<E>> LoraLinear<I, O, R, E, D> {
+    /// The batched forward, x of shape (batch, I); `train` applies the dropout.
+    fn forward_batch<Bt: Dim, T>(&self, x: Rows<Bt, I, E, D, T>, train: bool) -> Result<Rows<Bt, O, E, D, T>, D::Err>
+    where
+        T: Tape<E, D> + Merge<NoneTape> + Merge<T>,
+    {
         let shape = (x.shape().0, Const::<O>);
         let bias = self.bias.clone().try_broadcast_like(&shape)?;
         // W0 and b are used without a tape: no gradient is recorded for them.
@@ -293,44 +309,89 @@ where
             return base.try_add(bias);
         }
         let (base, tape) = base.split_tape();
-        let lora = x
-            .clone()
-            .put_tape(tape)
+        let mut input = x.clone().put_tape(tape);
+        let p = first(&self.lora_dropout).to_f64().unwrap_or(0.0);
+        if train && p > 0.0 {
+            input = input.try_dropout(p)?;
+        }
+        let lora = input
             .try_matmul(self.lora_a.retaped::<T>().try_permute()?)?
             .try_matmul(self.lora_b.retaped::<T>().try_permute()?)?
             .try_mul(first(&self.lora_scale))?;
         let (lora, tape) = lora.split_tape();
         let mut out = base.put_tape(tape).try_add(lora)?;
-        if first(&self.mgpo_coef) != E::default() {
-            // coef m_B (A_c x) + B_c (coef m_A x): the factors are fresh
-            // tensors without a tape, so only x receives gradient from it.
+        let coef = first(&self.mgpo_coef);
+        if coef != E::default() {
+            // coef (m_B (A_c x) + B_c (m_A x)): the factors carry no tape,
+            // so only x receives gradient from this term.
             let (o, tape) = out.split_tape();
-            let t1 = x
-                .clone()
-                .put_tape(tape)
-                .try_matmul(self.mgpo_a.clone().try_permute()?)?
-                .try_matmul(self.mgpo_mb.clone().try_permute()?)?;
+            let t1 = x.clone().put_tape(tape).try_matmul(self.mgpo_a.clone().try_permute()?)?.try_matmul(self.mgpo_mb.clone().try_permute()?)?;
             let (t1, tape) = t1.split_tape();
             let t2 = x.put_tape(tape).try_matmul(self.mgpo_ma.clone().try_permute()?)?.try_matmul(self.mgpo_b.clone().try_permute()?)?;
-            let (t2, tape) = t2.split_tape();
-            out = o.put_tape(tape).try_add(t1)?.try_add(t2)?;
+            let (eps, tape) = t2.try_add(t1)?.try_mul(coef)?.split_tape();
+            out = o.put_tape(tape).try_add(eps)?;
         }
         out.try_add(bias)
     }
+
+    /// The single-vector forward, x of shape (I,).
+    fn forward_one<T>(&self, x: Tensor<Rank1<I>, E, D, T>, train: bool) -> Result<Tensor<Rank1<O>, E, D, T>, D::Err>
+    where
+        T: Tape<E, D> + Merge<NoneTape> + Merge<T>,
+    {
+        let y = self.forward_batch(x.try_reshape_like(&(Const::<1>, Const::<I>))?, train)?;
+        y.try_reshape_like(&(Const::<O>,))
+    }
 }
 
-/// Single-vector forward, x of shape (I,).
-impl<const I: usize, const O: usize, const R: usize, E, D, T> Module<Tensor<Rank1<I>, E, D, T>> for LoraLinear<I, O, R, E, D>
+/// Inference forward (no dropout), x of shape (batch, I).
+impl<Bt: Dim, const I: usize, const O: usize, const R: usize, E: Dtype, D: Device<E>, T> Module<Rows<Bt, I, E, D, T>> for LoraLinear<I, O, R, E, D>
 where
-    E: Dtype,
-    D: Device<E>,
+    T: Tape<E, D> + Merge<NoneTape> + Merge<T>,
+{
+    type Output = Rows<Bt, O, E, D, T>;
+    type Error = D::Err;
+
+    fn try_forward(&self, x: Rows<Bt, I, E, D, T>) -> Result<Self::Output, D::Err> {
+        self.forward_batch(x, false)
+    }
+}
+
+/// Training forward (with the adapter's dropout), x of shape (batch, I).
+impl<Bt: Dim, const I: usize, const O: usize, const R: usize, E: Dtype, D: Device<E>, T> ModuleMut<Rows<Bt, I, E, D, T>> for LoraLinear<I, O, R, E, D>
+where
+    T: Tape<E, D> + Merge<NoneTape> + Merge<T>,
+{
+    type Output = Rows<Bt, O, E, D, T>;
+    type Error = D::Err;
+
+    fn try_forward_mut(&mut self, x: Rows<Bt, I, E, D, T>) -> Result<Self::Output, D::Err> {
+        self.forward_batch(x, true)
+    }
+}
+
+/// Inference forward (no dropout), x of shape (I,).
+impl<const I: usize, const O: usize, const R: usize, E: Dtype, D: Device<E>, T> Module<Tensor<Rank1<I>, E, D, T>> for LoraLinear<I, O, R, E, D>
+where
     T: Tape<E, D> + Merge<NoneTape> + Merge<T>,
 {
     type Output = Tensor<Rank1<O>, E, D, T>;
     type Error = D::Err;
 
     fn try_forward(&self, x: Tensor<Rank1<I>, E, D, T>) -> Result<Self::Output, D::Err> {
-        let y = self.try_forward(x.try_reshape_like(&(Const::<1>, Const::<I>))?)?;
-        y.try_reshape_like(&(Const::<O>,))
+        self.forward_one(x, false)
+    }
+}
+
+/// Training forward (with the adapter's dropout), x of shape (I,).
+impl<const I: usize, const O: usize, const R: usize, E: Dtype, D: Device<E>, T> ModuleMut<Tensor<Rank1<I>, E, D, T>> for LoraLinear<I, O, R, E, D>
+where
+    T: Tape<E, D> + Merge<NoneTape> + Merge<T>,
+{
+    type Output = Tensor<Rank1<O>, E, D, T>;
+    type Error = D::Err;
+
+    fn try_forward_mut(&mut self, x: Tensor<Rank1<I>, E, D, T>) -> Result<Self::Output, D::Err> {
+        self.forward_one(x, true)
     }
 }

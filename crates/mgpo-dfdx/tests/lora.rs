@@ -1,10 +1,13 @@
-//! The dfdx LoRA module: peft's initialisation and scaling, the forward
-//! y = W0 x + b + s B (A x), merge/unmerge, and which tensors get gradients.
+//! The dfdx LoRA module: the shared LoraConfig (rank checked against R,
+//! scaling, dropout, init), peft's initialisation, the forward
+//! y = W0 x + b + s B (A dropout(x)), merge/unmerge, and which tensors get
+//! gradients.
 
 use dfdx::nn::modules::Linear;
-use dfdx::nn::{BuildModule, Module, ToDtype, ZeroGrads};
+use dfdx::nn::{BuildModule, Module, ModuleMut, ToDtype, ZeroGrads};
 use dfdx::prelude::*;
-use mgpo_dfdx::{LoraConfig, LoraError, LoraLinear};
+use mgpo_core::{LoraConfig, LoraInit, MgpoError};
+use mgpo_dfdx::{LoraError, LoraLinear};
 
 const I: usize = 6;
 const O: usize = 5;
@@ -18,7 +21,7 @@ fn host<S: Shape, T>(t: &Tensor<S, f64, Cpu, T>) -> Vec<f64> {
 
 /// A layer with a non-zero B (as after some training), scale 6/4 = 1.5.
 fn trained_layer(dev: &Cpu) -> Layer {
-    let mut l = Layer::try_new(dev, LoraConfig::new(6.0)).unwrap();
+    let mut l = Layer::try_new(dev, LoraConfig::new(R, 6.0)).unwrap();
     l.lora_b = dev.sample_normal();
     l
 }
@@ -46,7 +49,7 @@ fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
 #[test]
 fn init_follows_peft() {
     let dev = Cpu::default();
-    let l = LoraLinear::<64, 8, 4, f64, Cpu>::try_new(&dev, LoraConfig::new(8.0)).unwrap();
+    let l = LoraLinear::<64, 8, 4, f64, Cpu>::try_new(&dev, LoraConfig::new(4, 8.0)).unwrap();
     // Kaiming-uniform with a = sqrt(5): U(-1/sqrt(in), 1/sqrt(in)).
     let bound = 1.0 / 64f64.sqrt();
     let a = host(&l.lora_a);
@@ -61,12 +64,16 @@ fn init_follows_peft() {
 #[test]
 fn scaling_plain_and_rslora() {
     let dev = Cpu::default();
-    let mut l = Layer::try_new(&dev, LoraConfig::new(6.0)).unwrap();
+    let mut l = Layer::try_new(&dev, LoraConfig::new(R, 6.0)).unwrap();
     assert_eq!(l.scale(), 1.5);
-    l.set_config(LoraConfig::rslora(6.0)).unwrap();
+    l.set_config(LoraConfig::new(R, 6.0).rslora()).unwrap();
     assert_eq!(l.scale(), 3.0); // 6 / sqrt(4)
-    assert!(matches!(l.set_config(LoraConfig::new(f64::NAN)), Err(LoraError::InvalidConfig(_))));
+    assert!(matches!(l.set_config(LoraConfig::new(R, f64::NAN)), Err(LoraError::InvalidConfig(MgpoError::InvalidConfig { field: "lora.alpha", .. }))));
+    let e = l.set_config(LoraConfig::new(R, 6.0).dropout(1.0)).unwrap_err();
+    assert!(e.to_string().contains("lora.dropout"), "{e}");
+    assert_eq!(l.set_config(LoraConfig::new(8, 6.0)), Err(LoraError::RankMismatch { config: 8, layer: R }));
     assert_eq!(l.scale(), 3.0, "a refused config changes nothing");
+    assert_eq!(l.dropout(), 0.0);
 }
 
 #[test]
@@ -75,7 +82,7 @@ fn fresh_adapter_leaves_the_base_output_unchanged() {
     let base = Linear::<I, O, f64, Cpu>::build(&dev);
     let x: Tensor<Rank2<BATCH, I>, f64, Cpu> = dev.sample_normal();
     let want = base.forward(x.clone()).as_vec();
-    let l = Layer::from_linear(base, LoraConfig::new(16.0)).unwrap();
+    let l = Layer::from_linear(base, LoraConfig::new(R, 16.0)).unwrap();
     assert_eq!(l.forward(x).as_vec(), want);
 }
 
@@ -91,7 +98,7 @@ fn forward_is_base_plus_scaled_adapter() {
     assert!(close(&l.forward(x0).as_vec(), &want[..O], 1e-12));
     // The base output is not scaled: doubling alpha moves y by exactly s B A x.
     let mut l2 = l.clone();
-    l2.set_config(LoraConfig::new(12.0)).unwrap();
+    l2.set_config(LoraConfig::new(R, 12.0)).unwrap();
     let y1 = l.forward(x.clone()).as_vec();
     let y2 = l2.forward(x.clone()).as_vec();
     let base = {
@@ -122,7 +129,7 @@ fn merged_and_unmerged_forwards_agree() {
     l2.lora_b = dev.zeros();
     assert_eq!(l2.forward(x.clone()).as_vec(), merged);
     assert_eq!(l.merge(), Err(LoraError::AlreadyMerged));
-    assert_eq!(l.set_config(LoraConfig::new(1.0)), Err(LoraError::AlreadyMerged));
+    assert_eq!(l.set_config(LoraConfig::new(R, 1.0)), Err(LoraError::AlreadyMerged));
     l.unmerge().unwrap();
     assert!(close(&host(&l.weight), &w0, 1e-14));
     assert!(close(&l.forward(x).as_vec(), &unmerged, 1e-12));
@@ -132,7 +139,7 @@ fn merged_and_unmerged_forwards_agree() {
 #[test]
 fn merged_forward_agrees_in_f32_with_rslora() {
     let dev = Cpu::default();
-    let mut l = LoraLinear::<I, O, R, f32, Cpu>::try_new(&dev, LoraConfig::rslora(5.0)).unwrap();
+    let mut l = LoraLinear::<I, O, R, f32, Cpu>::try_new(&dev, LoraConfig::new(R, 5.0).rslora()).unwrap();
     l.lora_b = dev.sample_normal();
     let x: Tensor<Rank2<BATCH, I>, f32, Cpu> = dev.sample_normal();
     let unmerged = l.forward(x.clone()).as_vec();
@@ -183,4 +190,47 @@ fn conversions_keep_scale_and_merged_flag() {
     let l32: LoraLinear<I, O, R, f32, Cpu> = l.to_dtype::<f32>();
     assert_eq!(l32.scale(), 1.5);
     assert!(l32.is_merged());
+}
+
+#[test]
+fn a_config_of_another_rank_is_refused() {
+    let dev = Cpu::default();
+    let e = Layer::try_new(&dev, LoraConfig::new(R + 1, 8.0)).unwrap_err();
+    assert_eq!(e, LoraError::RankMismatch { config: R + 1, layer: R });
+    assert!(e.to_string().contains("rank"), "{e}");
+    let base = Linear::<I, O, f64, Cpu>::build(&dev);
+    assert!(matches!(Layer::from_linear(base, LoraConfig::new(0, 8.0)), Err(LoraError::InvalidConfig(_))));
+}
+
+#[test]
+fn gaussian_init_draws_a_with_standard_deviation_one_over_r() {
+    let dev = Cpu::seed_from_u64(3);
+    let l = LoraLinear::<256, 4, 8, f64, Cpu>::try_new(&dev, LoraConfig::new(8, 8.0).init(LoraInit::Gaussian)).unwrap();
+    let a = host(&l.lora_a);
+    let n = a.len() as f64;
+    let mean = a.iter().sum::<f64>() / n;
+    let sd = (a.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n).sqrt();
+    // 2048 draws of N(0, 1/64): the sample sd is within a few percent of 1/8.
+    assert!((sd - 0.125).abs() < 0.01 && mean.abs() < 0.01, "mean {mean}, sd {sd}");
+    assert!(host(&l.lora_b).iter().all(|&x| x == 0.0));
+}
+
+/// Dropout acts on the adapter's input in training only: the inference
+/// forward keeps every entry, the training one drops entries of the
+/// adapter path's input and leaves the base path alone.
+#[test]
+fn dropout_applies_to_the_adapter_input_in_training_only() {
+    let dev = Cpu::seed_from_u64(5);
+    let mut l = trained_layer(&dev);
+    l.set_config(LoraConfig::new(R, 6.0).dropout(0.5)).unwrap();
+    assert_eq!(l.dropout(), 0.5);
+    let x: Tensor<Rank2<BATCH, I>, f64, Cpu> = dev.sample_normal();
+    let want = expected(&l, &x.as_vec());
+    assert!(close(&l.forward(x.clone()).as_vec(), &want, 1e-12), "inference must not drop");
+    let trained = l.forward_mut(x.clone()).as_vec();
+    assert!(!close(&trained, &want, 1e-6), "training must drop some of the adapter input");
+    // With B = 0 the adapter path vanishes and dropout has nothing to act on.
+    l.lora_b = dev.zeros();
+    let base = expected(&l, &x.as_vec());
+    assert!(close(&l.forward_mut(x).as_vec(), &base, 1e-12));
 }

@@ -1,13 +1,14 @@
 //! The dfdx optimizer on a real dfdx model: the same numbers as mgpo-core on
 //! ndarray fed the same gradients, step by step, in both spaces; the frozen
-//! base weight never changes; and its refusals.
+//! base weight never changes; and its refusals, each a typed error that
+//! leaves the model clean.
 
 use dfdx::nn::modules::{Linear, ReLU};
 use dfdx::nn::{BuildModule, Module, ZeroGrads};
 use dfdx::optim::{Optimizer, OptimizerUpdateError};
 use dfdx::prelude::*;
-use mgpo_core::{Config, Direction, MgpoError, Scope, Space};
-use mgpo_dfdx::{DfdxMgpo, LoraConfig, LoraLinear};
+use mgpo_core::{Config, Direction, LoraConfig, MgpoError, Scope, Space};
+use mgpo_dfdx::{LoraLinear, MgpoOptimizer};
 use mgpo_ndarray::NdBackend;
 use ndarray::{ArrayD, IxDyn};
 
@@ -19,7 +20,7 @@ type Net = (LoraLinear<IN, HID, 2, f64, Cpu>, ReLU, Linear<HID, OUT, f64, Cpu>);
 
 fn net(dev: &Cpu) -> Net {
     let mut m = Net::build(dev);
-    m.0.set_config(LoraConfig::new(3.0)).unwrap(); // s = 1.5
+    m.0.set_config(LoraConfig::new(2, 3.0)).unwrap(); // s = 1.5
     m.0.lora_b = dev.sample_normal::<Rank2<HID, 2>>() * 0.3;
     m
 }
@@ -29,20 +30,24 @@ fn nd<S: Shape>(t: &Tensor<S, f64, Cpu>) -> ArrayD<f64> {
     ArrayD::from_shape_vec(IxDyn(&shape), t.as_vec()).unwrap()
 }
 
-/// The trainable tensors in layout order.
-fn trainables(m: &Net) -> Vec<ArrayD<f64>> {
-    vec![nd(&m.0.lora_a), nd(&m.0.lora_b), nd(&m.2.weight), nd(&m.2.bias)]
+const NAMES: [&str; 4] = ["0.a", "0.b", "2.weight", "2.bias"];
+
+/// The trainable tensors in layout order, by layout name.
+fn trainables(m: &Net) -> Vec<(String, ArrayD<f64>)> {
+    let t = [nd(&m.0.lora_a), nd(&m.0.lora_b), nd(&m.2.weight), nd(&m.2.bias)];
+    NAMES.iter().map(|n| n.to_string()).zip(t).collect()
 }
 
-fn grads_of(m: &Net, g: &Gradients<f64, Cpu>) -> Vec<ArrayD<f64>> {
-    vec![nd(&g.get(&m.0.lora_a)), nd(&g.get(&m.0.lora_b)), nd(&g.get(&m.2.weight)), nd(&g.get(&m.2.bias))]
+fn grads_of(m: &Net, g: &Gradients<f64, Cpu>) -> Vec<(String, ArrayD<f64>)> {
+    let t = [nd(&g.get(&m.0.lora_a)), nd(&g.get(&m.0.lora_b)), nd(&g.get(&m.2.weight)), nd(&g.get(&m.2.bias))];
+    NAMES.iter().map(|n| n.to_string()).zip(t).collect()
 }
 
-fn assert_close(what: &str, a: &[ArrayD<f64>], b: &[ArrayD<f64>]) {
-    for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        assert_eq!(x.shape(), y.shape());
+fn assert_close(what: &str, a: &[(String, ArrayD<f64>)], b: &[(String, ArrayD<f64>)], tol: f64) {
+    for ((n, x), (m, y)) in a.iter().zip(b) {
+        assert_eq!((n, x.shape()), (m, y.shape()));
         for (p, q) in x.iter().zip(y.iter()) {
-            assert!((p - q).abs() <= 1e-12 * (1.0 + q.abs()), "{what}: tensor {i}: {p} vs {q}");
+            assert!((p - q).abs() <= tol * (1.0 + q.abs()), "{what}: {n}: {p} vs {q}");
         }
     }
 }
@@ -84,9 +89,9 @@ fn layer0_with_perturbed_w0(m: &Net, x: &[f64], coef: f64, mb: &ArrayD<f64>, ma:
 fn matches_core(cfg: Config) {
     let dev = Cpu::seed_from_u64(7);
     let mut model = net(&dev);
-    let mut opt = DfdxMgpo::new(&model, cfg).unwrap();
-    assert_eq!(opt.trainable_names(), ["0.lora_a", "0.lora_b", "2.weight", "2.bias"]);
-    let layout = opt.mgpo().layout().clone();
+    let mut opt = MgpoOptimizer::new(&model, cfg).unwrap();
+    assert_eq!(opt.layout().names().collect::<Vec<_>>(), NAMES);
+    let layout = opt.layout().clone();
     assert_eq!(layout.adapters().len(), 1);
     assert_eq!(layout.adapters()[0].name, "0");
     assert_eq!(layout.adapters()[0].scale, 1.5);
@@ -101,8 +106,8 @@ fn matches_core(cfg: Config) {
     for step in 0..6 {
         let clean = p.clone();
         opt.perturb(&mut model).unwrap();
-        core.perturb(&mut p, &mut Vec::<ArrayD<f64>>::new()).unwrap();
-        assert_close(&format!("step {step} perturbed"), &trainables(&model), &p);
+        core.perturb(&mut p).unwrap();
+        assert_close(&format!("step {step} perturbed"), &trainables(&model), &p, 1e-12);
         match core.weight_perturbation(0) {
             Some(wp) => {
                 assert_eq!(cfg.space, Space::Weight);
@@ -126,7 +131,7 @@ fn matches_core(cfg: Config) {
         grads = loss.backward();
         let g = grads_of(&model, &grads);
         opt.update(&mut model, &grads).unwrap();
-        let rep = core.step(&mut p, &mut Vec::<ArrayD<f64>>::new(), &g).unwrap();
+        let rep = core.step(&mut p, &g).unwrap();
         let got = opt.last_report().unwrap();
         assert_eq!((got.step, got.skipped, got.groups.len()), (rep.step, rep.skipped, rep.groups.len()));
         for (a, b) in got.groups.iter().zip(&rep.groups) {
@@ -134,8 +139,8 @@ fn matches_core(cfg: Config) {
                 assert!((x - y).abs() <= 1e-12 * (1.0 + y.abs()), "step {step} report: {a:?} vs {b:?}");
             }
         }
-        assert_close(&format!("step {step} after"), &trainables(&model), &p);
-        for (a, b) in opt.mgpo().state().g_bar.iter().zip(&core.state().g_bar) {
+        assert_close(&format!("step {step} after"), &trainables(&model), &p, 1e-12);
+        for (a, b) in opt.state().g_bar.iter().zip(&core.state().g_bar) {
             let (a, b) = (a.unwrap(), b.unwrap());
             assert!((a - b).abs() <= 1e-12 * b, "step {step}: g_bar {a} vs {b}");
         }
@@ -161,100 +166,124 @@ fn weight_space_global_ascent_matches_core_on_ndarray() {
     matches_core(config(Space::Weight, Scope::Global, Direction::Ascent));
 }
 
+/// One clean step so that the next perturbation is not zero; returns the model's clean trainables.
+fn warm_up(opt: &mut MgpoOptimizer<Net, f64>, model: &mut Net, x: &Tensor<Rank2<BATCH, IN>, f64, Cpu>) -> Vec<(String, ArrayD<f64>)> {
+    let grads = model.forward(x.clone().traced(model.alloc_grads())).sum().backward();
+    opt.step(model, &grads).unwrap();
+    trainables(model)
+}
+
 #[test]
-fn missing_gradient_is_reported_as_unused_and_changes_nothing() {
+fn missing_gradient_is_a_typed_error_naming_it_and_leaves_the_model_clean() {
     let dev = Cpu::seed_from_u64(1);
     let mut model = net(&dev);
-    let mut opt = DfdxMgpo::new(&model, Config::paper_nlu(1e-2)).unwrap();
-    let before = trainables(&model);
-    // Only layer 0 is on the tape: the head gets no gradient.
+    let mut opt = MgpoOptimizer::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
     let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
+    let clean = warm_up(&mut opt, &mut model, &x);
+    opt.perturb(&mut model).unwrap();
+    assert_ne!(trainables(&model), clean);
+    // A leaky tape through layer 0 only: the head gets no gradient at all.
     let grads = model.0.forward(x.leaky_trace()).sum().backward();
+    assert_eq!(opt.step(&mut model, &grads), Err(MgpoError::MissingGradient("2.weight".into())));
+    assert!(!opt.is_perturbed());
+    assert_close("after the refused step", &trainables(&model), &clean, 1e-14);
+    assert_eq!(opt.state().step, 1);
+    // dfdx's own update names both head tensors as unused.
     match opt.update(&mut model, &grads) {
         Err(OptimizerUpdateError::UnusedParams(u)) => assert_eq!(u.ids.len(), 2),
         other => panic!("expected UnusedParams, got {other:?}"),
     }
     assert_eq!(opt.last_error(), Some(&MgpoError::MissingGradient("2.weight".into())));
-    assert_eq!(trainables(&model), before);
-    assert_eq!(opt.mgpo().state().step, 0);
+    assert_close("after the refused update", &trainables(&model), &clean, 1e-14);
+    assert_eq!(opt.state().step, 1);
 }
 
 #[test]
 fn non_finite_gradient_skips_and_restores_the_clean_point() {
     let dev = Cpu::seed_from_u64(2);
     let mut model = net(&dev);
-    let mut opt = DfdxMgpo::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
+    let mut opt = MgpoOptimizer::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
     let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
-    let mut grads = model.alloc_grads();
-    // One clean step so that the next perturbation is not zero.
-    opt.perturb(&mut model).unwrap();
-    grads = model.forward(x.clone().traced(grads)).sum().backward();
-    opt.update(&mut model, &grads).unwrap();
-    model.zero_grads(&mut grads);
-    let clean = trainables(&model);
+    let clean = warm_up(&mut opt, &mut model, &x);
     opt.perturb(&mut model).unwrap();
     assert_ne!(trainables(&model), clean);
     let bad = x.clone() * f64::NAN;
-    grads = model.forward(bad.traced(grads)).sum().backward();
+    let grads = model.forward(bad.traced(model.alloc_grads())).sum().backward();
     opt.update(&mut model, &grads).unwrap();
     let rep = opt.last_report().unwrap();
     assert!(rep.skipped);
     assert_eq!(rep.step, 1);
-    let restored = trainables(&model);
-    for (a, b) in restored.iter().zip(&clean) {
-        for (p, q) in a.iter().zip(b.iter()) {
-            assert!((p - q).abs() < 1e-14, "{p} vs {q}");
-        }
-    }
+    assert_close("restored", &trainables(&model), &clean, 1e-14);
 }
 
 #[test]
 fn merged_layers_and_changed_scaling_are_refused() {
     let dev = Cpu::seed_from_u64(3);
     let mut model = net(&dev);
-    let mut opt = DfdxMgpo::new(&model, Config::paper_nlu(1e-2)).unwrap();
+    let mut opt = MgpoOptimizer::new(&model, Config::paper_nlu(1e-2)).unwrap();
     model.0.merge().unwrap();
     let e = opt.perturb(&mut model).unwrap_err();
     assert!(e.to_string().contains("merged"), "{e}");
     let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
     let grads = model.forward(x.trace(model.alloc_grads())).sum().backward();
-    assert!(opt.update(&mut model, &grads).is_err());
+    let before = trainables(&model);
+    // No dfdx error says "merged": every trainable tensor is reported unchanged.
+    match opt.update(&mut model, &grads) {
+        Err(OptimizerUpdateError::UnusedParams(u)) => assert_eq!(u.ids.len(), 4),
+        other => panic!("expected UnusedParams, got {other:?}"),
+    }
     assert!(opt.last_error().unwrap().to_string().contains("merged"));
+    assert_eq!(trainables(&model), before);
     model.0.unmerge().unwrap();
-    model.0.set_config(LoraConfig::new(5.0)).unwrap();
+    model.0.set_config(LoraConfig::new(2, 5.0)).unwrap();
     let e = opt.perturb(&mut model).unwrap_err();
     assert!(e.to_string().contains("scaling changed"), "{e}");
-    assert!(!opt.mgpo().is_perturbed());
+    assert!(!opt.is_perturbed());
+    assert_eq!(opt.state().step, 0);
 }
 
 #[test]
 fn perturb_twice_is_refused_and_unperturb_restores() {
     let dev = Cpu::seed_from_u64(4);
     let mut model = net(&dev);
-    let mut opt = DfdxMgpo::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
+    let mut opt = MgpoOptimizer::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
     let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
-    let grads = model.forward(x.trace(model.alloc_grads())).sum().backward();
-    opt.update(&mut model, &grads).unwrap();
-    let clean = trainables(&model);
+    let clean = warm_up(&mut opt, &mut model, &x);
     opt.perturb(&mut model).unwrap();
     assert_eq!(opt.perturb(&mut model), Err(MgpoError::AlreadyPerturbed));
     opt.unperturb(&mut model).unwrap();
-    for (a, b) in trainables(&model).iter().zip(&clean) {
-        for (p, q) in a.iter().zip(b.iter()) {
-            assert!((p - q).abs() < 1e-14);
-        }
+    assert_close("unperturbed", &trainables(&model), &clean, 1e-14);
+}
+
+#[test]
+fn an_invalid_learning_rate_is_refused_at_once() {
+    let model = net(&Cpu::default());
+    let mut opt = MgpoOptimizer::new(&model, Config::paper_nlu(1e-2)).unwrap();
+    for bad in [-1.0, f64::NAN, f64::INFINITY] {
+        let e = opt.set_lr(bad).unwrap_err();
+        assert!(matches!(e, MgpoError::InvalidConfig { field: "lr", .. }), "{e}");
     }
+    assert_eq!(opt.lr(), 1e-2);
+    opt.set_lr(3e-3).unwrap();
+    assert_eq!(opt.lr(), 3e-3);
 }
 
 #[test]
 fn a_bare_layer_is_one_adapter_named_lora() {
     let dev = Cpu::seed_from_u64(5);
-    let layer = LoraLinear::<IN, HID, 2, f64, Cpu>::try_new(&dev, LoraConfig::rslora(4.0)).unwrap();
-    let opt = DfdxMgpo::new(&layer, Config::trainer_nlu(1e-3)).unwrap();
-    assert_eq!(opt.trainable_names(), ["lora_a", "lora_b"]);
-    let l = opt.mgpo().layout();
+    let layer = LoraLinear::<IN, HID, 2, f64, Cpu>::try_new(&dev, LoraConfig::new(2, 4.0).rslora()).unwrap();
+    let opt = MgpoOptimizer::new(&layer, Config::trainer_nlu(1e-3)).unwrap();
+    assert_eq!(opt.layout().names().collect::<Vec<_>>(), ["lora.a", "lora.b"]);
+    let l = opt.layout();
     assert_eq!((l.adapters()[0].name.as_str(), l.adapters()[0].scale), ("lora", 4.0 / 2f64.sqrt()));
     assert!(l.plain().is_empty());
+}
+
+#[test]
+fn the_optimizer_can_move_between_threads() {
+    fn send<T: Send>(_: &T) {}
+    let model = net(&Cpu::default());
+    send(&MgpoOptimizer::new(&model, Config::paper_nlu(1e-2)).unwrap());
 }
 
 /// A home-made adapter module: `lora_a`, `lora_b` and a rank-0 `lora_scale`,
@@ -285,8 +314,8 @@ impl dfdx::nn::TensorCollection<f64, Cpu> for Bare {
 fn weight_space_needs_the_factored_tensors_adapter_space_does_not() {
     let dev = Cpu::default();
     let bare = Bare { lora_a: dev.ones(), lora_b: dev.zeros(), lora_scale: dev.tensor(2.0) };
-    let e = DfdxMgpo::new(&bare, Config::trainer_nlu(1e-3)).err().expect("weight space must be refused");
+    let e = MgpoOptimizer::new(&bare, Config::trainer_nlu(1e-3)).err().expect("weight space must be refused");
     assert!(e.to_string().contains("mgpo_coef"), "{e}");
-    let opt = DfdxMgpo::new(&bare, Config::paper_nlu(1e-3)).unwrap();
-    assert_eq!(opt.mgpo().layout().adapters()[0].scale, 2.0);
+    let opt = MgpoOptimizer::new(&bare, Config::paper_nlu(1e-3)).unwrap();
+    assert_eq!(opt.layout().adapters()[0].scale, 2.0);
 }

@@ -1,13 +1,13 @@
 //! End to end: a two-layer dfdx LoRA model learns a low-rank change of its
-//! frozen base with DfdxMgpo (both spaces, f32), through dfdx's own
+//! frozen base with MgpoOptimizer (both spaces, f32), through dfdx's own
 //! `Optimizer::update`, and the loss goes down while W0 stays as it was.
 
 use dfdx::nn::modules::ReLU;
 use dfdx::nn::{BuildModule, Module, ZeroGrads};
 use dfdx::optim::Optimizer;
 use dfdx::prelude::*;
-use mgpo_core::{Config, WarmupCosine};
-use mgpo_dfdx::{DfdxMgpo, LoraConfig, LoraLinear};
+use mgpo_core::{Config, LoraConfig, WarmupCosine};
+use mgpo_dfdx::{LoraLinear, MgpoOptimizer};
 
 const IN: usize = 8;
 const HID: usize = 16;
@@ -19,8 +19,8 @@ type Net = (LoraLinear<IN, HID, 4, f32, Cpu>, ReLU, LoraLinear<HID, OUT, 4, f32,
 fn train(config: Config, steps: u64) -> Vec<f32> {
     let dev = Cpu::seed_from_u64(11);
     let mut student = Net::build(&dev);
-    student.0.set_config(LoraConfig::new(8.0)).unwrap();
-    student.2.set_config(LoraConfig::rslora(4.0)).unwrap();
+    student.0.set_config(LoraConfig::new(4, 8.0)).unwrap();
+    student.2.set_config(LoraConfig::new(4, 4.0).rslora()).unwrap();
     // The teacher is the base with a rank-2 change of each W0.
     let mut teacher = student.clone();
     teacher.0.weight = teacher.0.weight.clone() + dev.sample_normal::<Rank2<HID, 2>>().matmul(dev.sample_normal::<Rank2<2, IN>>()) * 0.3;
@@ -30,7 +30,7 @@ fn train(config: Config, steps: u64) -> Vec<f32> {
     let (w0a, w0b) = (student.0.weight.as_vec(), student.2.weight.as_vec());
 
     let schedule = WarmupCosine::paper(config.adamw.lr, steps);
-    let mut opt = DfdxMgpo::new(&student, config).unwrap();
+    let mut opt = MgpoOptimizer::new(&student, config).unwrap();
     let mut grads = student.alloc_grads();
     let mut losses = Vec::new();
     for k in 0..steps {
