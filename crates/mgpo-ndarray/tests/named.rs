@@ -12,6 +12,8 @@ use mgpo_ndarray::{MgpoOptimizer, NdBackend};
 use ndarray::{ArrayD, IxDyn};
 
 type T = ArrayD<f64>;
+/// Gradients by name, `None` where a tensor got none.
+type OptGrads = Vec<(String, Option<T>)>;
 
 /// Two adapters of one shape, q and v (both with W0 registered), and a plain
 /// tensor: names q.a, q.b, v.a, v.b, head, q.w0, v.w0.
@@ -161,8 +163,8 @@ fn missing_and_misnamed_gradients_are_named_and_leave_things_clean() {
     for config in [Config::paper_nlu(1e-2), Config::trainer_nlu(1e-2)] {
         let (mut opt, mut tensors) = trained(config, true);
         let (t0, s0) = (tensors.clone(), opt.state().clone());
-        let good: Vec<(String, Option<T>)> = grads_at(&tensors, 5, 2).into_iter().map(|(n, g)| (n, Some(g))).collect();
-        let edit = |f: &dyn Fn(&mut Vec<(String, Option<T>)>)| {
+        let good: OptGrads = grads_at(&tensors, 5, 2).into_iter().map(|(n, g)| (n, Some(g))).collect();
+        let edit = |f: &dyn Fn(&mut OptGrads)| {
             let mut g = good.clone();
             f(&mut g);
             g
