@@ -7,20 +7,24 @@
 //! feature each, the backends: `ndarray` (default), `candle`, `tch`, `dfdx`.
 //!
 //! ```
-//! use lora_mgpo::ndarray::{Mgpo, NdBackend};
-//! use lora_mgpo::{Config, Layout, NoFrozen};
+//! use lora_mgpo::ndarray::{MgpoOptimizer, NdBackend};
+//! use lora_mgpo::{Config, Layout};
 //! use ndarray::{ArrayD, IxDyn};
 //!
 //! // One adapter: A is r x in (2 x 3), B is out x r (4 x 2), alpha 8.
 //! let layout = Layout::builder().adapter("q", 8.0, &[2, 3], &[4, 2], false).build()?;
-//! let mut opt = Mgpo::<f32>::new(NdBackend::new(), Config::paper_nlu(1e-3), layout)?;
-//! let mut params = vec![ArrayD::from_elem(IxDyn(&[2, 3]), 0.1f32), ArrayD::zeros(IxDyn(&[4, 2]))];
+//! let mut opt = MgpoOptimizer::<f32>::new(NdBackend::new(), Config::paper_nlu(1e-3), layout)?;
+//! // Every tensor with its name, in the order of `opt.layout().names()`.
+//! let mut params = vec![("q.a", ArrayD::from_elem(IxDyn(&[2, 3]), 0.1f32)), ("q.b", ArrayD::zeros(IxDyn(&[4, 2])))];
 //! for _ in 0..3 {
-//!     opt.perturb(&mut params, &mut NoFrozen)?;       // before the forward pass
-//!     let grads = vec![ArrayD::from_elem(IxDyn(&[2, 3]), 0.5f32), ArrayD::from_elem(IxDyn(&[4, 2]), -0.5)];
-//!     let report = opt.step(&mut params, &mut NoFrozen, &grads)?; // after the backward pass
+//!     opt.perturb(&mut params)?; // before the forward pass
+//!     let grads = vec![("q.a", ArrayD::from_elem(IxDyn(&[2, 3]), 0.5f32)), ("q.b", ArrayD::from_elem(IxDyn(&[4, 2]), -0.5))];
+//!     let report = opt.step(&mut params, &grads)?; // after the backward pass
 //!     assert!(!report.skipped);
 //! }
+//! // Tensors given in another order are refused, naming them.
+//! params.swap(0, 1);
+//! assert!(matches!(opt.perturb(&mut params), Err(lora_mgpo::MgpoError::NameMismatch { .. })));
 //! # Ok::<(), lora_mgpo::MgpoError>(())
 //! ```
 
