@@ -24,7 +24,8 @@
 //! lands in the clone's own copy, which is dropped): a tensor it reports
 //! unused is a [`MgpoError::MissingGradient`]. That costs, per trainable
 //! tensor and step, one copy, one zero-filled buffer (SGD's velocity) and
-//! one pass; the buffers come from dfdx's allocation cache.
+//! one pass, allocated afresh unless the device's cache is enabled
+//! (`dfdx::tensor::Cache::enable_cache`).
 
 use dfdx::nn::tensor_collection::{RecursiveWalker, TensorCollection, TensorOptions, TensorVisitor, ViewTensorMut, ViewTensorName, ViewTensorRef};
 use dfdx::optim::{Sgd, UnusedTensors};
