@@ -4,7 +4,7 @@
 
 use lora_mgpo::checkpoint::FORMAT;
 use lora_mgpo::ndarray::NdBackend;
-use lora_mgpo::{HostIo, TensorOps};
+use lora_mgpo::backend::{HostIo, TensorOps};
 use mgpo_conformance::props::{case_strategy, check_agree, Case, CaseRun};
 use proptest::prelude::*;
 
@@ -81,8 +81,9 @@ where
     let mut second = CaseRun::new(y, case)?;
     second.opt.load_checkpoint_bytes(&bytes).map_err(|e| e.to_string())?;
     let (p, f) = first.host_tensors()?;
-    second.params = p.iter().zip(&second.params).map(|(d, t)| y.from_f64(&y.shape(t), d)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-    second.frozen = f.iter().zip(&second.frozen).map(|(d, t)| y.from_f64(&y.shape(t), d)).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    for ((_, t), d) in second.tensors.iter_mut().zip(p.iter().chain(&f)) {
+        *t = y.from_f64(&y.shape(t), d).map_err(|e| e.to_string())?;
+    }
     for s in &case.steps {
         second.full_step(s)?;
     }
@@ -120,11 +121,9 @@ fn resume_is_exact<B: TensorOps + HostIo + Clone>(be: &B, case: &Case) -> Result
         resumed.full_step(s)?;
     }
     let bytes = resumed.opt.checkpoint_bytes().map_err(|e| e.to_string())?;
-    let params = std::mem::take(&mut resumed.params);
-    let frozen = std::mem::take(&mut resumed.frozen);
+    let tensors = std::mem::take(&mut resumed.tensors);
     resumed = CaseRun::new(be, case)?;
-    resumed.params = params;
-    resumed.frozen = frozen;
+    resumed.tensors = tensors;
     resumed.opt.load_checkpoint_bytes(&bytes).map_err(|e| e.to_string())?;
     for s in &case.steps {
         resumed.full_step(s)?;

@@ -50,7 +50,8 @@ pub const VARIANTS: [Variant; 3] = [Variant::Adamw, Variant::MgpoAdapter, Varian
 pub mod candle {
     use candle_core::{DType, Device, Module, Tensor};
     use candle_nn::{Linear, VarBuilder, VarMap};
-    use mgpo_candle::{LoraConfig, LoraLinear, MgpoOptimizer};
+    use mgpo_candle::{LoraLinear, MgpoOptimizer};
+    use mgpo_core::LoraConfig;
 
     use super::{filled, E2eShape, Variant};
 
@@ -117,7 +118,8 @@ pub mod candle {
 
 #[cfg(feature = "tch")]
 pub mod tch_e2e {
-    use mgpo_tch::{LoraConfig, LoraLinear, MgpoOptimizer};
+    use mgpo_tch::{LoraLinear, MgpoOptimizer};
+    use mgpo_core::LoraConfig;
     use tch::{nn, Device, Kind, Reduction, Tensor};
 
     use super::{filled, E2eShape, Variant};

@@ -35,7 +35,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::rc::Rc;
 
-use mgpo_core::{HostIo, TensorOps};
+use mgpo_core::backend::{HostIo, TensorOps};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -434,8 +434,8 @@ impl KernelBench {
     /// One AdamW pass over every tensor: all at once (`adamw_many`, as
     /// `Mgpo::step` runs it) or tensor by tensor (`adamw`).
     fn run(&mut self, batched: bool) -> Result<(), String> {
-        use mgpo_core::{AdamWItem, FusedUpdate};
-        let k = mgpo_core::AdamWStep { unperturb: 0.0, decay: 1.0, grad_scale: 1.0, beta1: 0.9, beta2: 0.999, step_size: 1e-4, bias2_sqrt: 0.5, eps: 1e-8 };
+        use mgpo_core::backend::{AdamWItem, FusedUpdate};
+        let k = mgpo_core::backend::AdamWStep { unperturb: 0.0, decay: 1.0, grad_scale: 1.0, beta1: 0.9, beta2: 0.999, step_size: 1e-4, bias2_sqrt: 0.5, eps: 1e-8 };
         let be = mgpo_ndarray::NdBackend::<f32>::new();
         let mut items: Vec<AdamWItem<'_, ndarray::ArrayD<f32>>> =
             self.p.iter_mut().zip(&self.g).zip(self.m.iter_mut().zip(&mut self.v)).map(|((p, g), (m, v))| AdamWItem { p, g, m, v, k }).collect();

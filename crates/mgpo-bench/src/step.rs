@@ -3,7 +3,8 @@
 //! gradients. The step is timed whole: the non-finite check and gradient
 //! norms, the perturbation, its removal and AdamW.
 
-use mgpo_core::{AdamWConfig, Config, HostIo, Mgpo, TensorOps};
+use mgpo_core::backend::{HostIo, TensorOps};
+use mgpo_core::{AdamWConfig, Config, Mgpo};
 use serde::{Deserialize, Serialize};
 
 use crate::sizes::LoraShape;
@@ -135,9 +136,9 @@ impl<T> LoraTensors<T> {
 /// A LoRA parameter set, its fixed gradients and the optimizer, on backend `B`.
 pub struct StepBench<B: TensorOps + HostIo> {
     opt: Mgpo<B>,
-    params: Vec<B::Tensor>,
-    grads: Vec<B::Tensor>,
-    frozen: Vec<B::Tensor>,
+    /// The trainable tensors, then the W0s, by name.
+    tensors: Vec<(String, B::Tensor)>,
+    grads: Vec<(String, B::Tensor)>,
     variant: Variant,
     shape: LoraShape,
 }
@@ -161,16 +162,19 @@ impl<B: TensorOps + HostIo> StepBench<B> {
     pub fn with_tensors(be: B, shape: LoraShape, variant: Variant, t: LoraTensors<B::Tensor>) -> Result<Self, String> {
         let layout = shape.layout(variant.with_w0()).map_err(err)?;
         let opt = Mgpo::new(be, variant.config(), layout).map_err(err)?;
-        Ok(StepBench { opt, params: t.params, grads: t.grads, frozen: t.frozen, variant, shape })
+        let names: Vec<String> = opt.layout().names().map(str::to_string).collect();
+        let grads = names.iter().cloned().zip(t.grads).collect();
+        let tensors = names.into_iter().zip(t.params.into_iter().chain(t.frozen)).collect();
+        Ok(StepBench { opt, tensors, grads, variant, shape })
     }
 
     /// One training step's optimizer work (the forward and backward pass
     /// of a real step would sit between `perturb` and `step`).
     pub fn step(&mut self) -> Result<(), String> {
         if self.variant != Variant::Adamw {
-            self.opt.perturb(&mut self.params, &mut self.frozen).map_err(err)?;
+            self.opt.perturb(&mut self.tensors).map_err(err)?;
         }
-        let rep = self.opt.step(&mut self.params, &mut self.frozen, &self.grads).map_err(err)?;
+        let rep = self.opt.step(&mut self.tensors, &self.grads).map_err(err)?;
         if rep.skipped {
             return Err(format!("{}: the benchmark step was skipped (non-finite gradient)", self.variant.name()));
         }
@@ -195,8 +199,8 @@ impl<B: TensorOps + HostIo> StepBench<B> {
         if self.variant == Variant::Adamw {
             return Ok(false);
         }
-        self.opt.perturb(&mut self.params, &mut self.frozen).map_err(err)?;
-        let rep = self.opt.step(&mut self.params, &mut self.frozen, &self.grads).map_err(err)?;
+        self.opt.perturb(&mut self.tensors).map_err(err)?;
+        let rep = self.opt.step(&mut self.tensors, &self.grads).map_err(err)?;
         Ok(rep.groups.iter().any(|g| g.perturbation_norm > 0.0))
     }
 }

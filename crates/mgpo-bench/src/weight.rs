@@ -14,7 +14,7 @@
 //!   again to subtract it after the backward pass, and the gradient image
 //!   is built to take its norm.
 
-use mgpo_core::{HostIo, TensorOps};
+use mgpo_core::backend::{HostIo, TensorOps};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array2, Zip};
 use rayon::prelude::*;

@@ -93,11 +93,11 @@ impl Session for CandleSession {
     }
 
     fn shapes(&self) -> Vec<Vec<usize>> {
-        self.opt.vars().iter().map(|v| v.dims().to_vec()).collect()
+        self.opt.params().iter().map(|(_, t)| t.dims().to_vec()).collect()
     }
 
     fn params(&self) -> Result<Vec<Vec<f32>>> {
-        self.opt.vars().iter().map(|v| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?)).collect()
+        self.opt.params().iter().map(|(_, t)| Ok(t.flatten_all()?.to_vec1::<f32>()?)).collect()
     }
 }
 

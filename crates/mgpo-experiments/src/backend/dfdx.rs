@@ -1,12 +1,13 @@
 //! The dfdx backend: the network as a tuple of [`mgpo_dfdx::LoraLinear`]
-//! modules and ReLUs, trained by [`mgpo_dfdx::DfdxMgpo`], on the CPU in
+//! modules and ReLUs, trained by [`mgpo_dfdx::MgpoOptimizer`], on the CPU in
 //! f32. dfdx fixes shapes at compile time, so the rank is a const generic:
 //! the supported ranks are [`RANKS`].
 
 use ::dfdx::nn::modules::ReLU;
 use ::dfdx::nn::{BuildModule, Module, ZeroGrads};
 use ::dfdx::prelude::*;
-use mgpo_dfdx::{DfdxMgpo, LoraConfig, LoraLinear};
+use mgpo_core::LoraConfig;
+use mgpo_dfdx::{LoraLinear, MgpoOptimizer};
 
 use super::{check_batch, check_spec, Backend, EvalOut, Session, SessionSpec, StepOut};
 use crate::error::{Error, Result};
@@ -52,7 +53,7 @@ impl Backend for DfdxBackend {
 struct DfdxSession<const R: usize> {
     dev: Cpu,
     model: Net<R>,
-    opt: DfdxMgpo<Net<R>, f32>,
+    opt: MgpoOptimizer<Net<R>, f32>,
     grads: Option<Gradients<f32, Cpu>>,
 }
 
@@ -67,7 +68,7 @@ fn setup<const I: usize, const O: usize, const R: usize>(
     layer.bias.copy_from(&lw.b);
     layer.lora_a.copy_from(&spec.init_a[l]);
     layer.lora_b.fill_with_zeros();
-    layer.set_config(LoraConfig::new(spec.alpha)).map_err(err)
+    layer.set_config(LoraConfig::new(R, spec.alpha)).map_err(err)
 }
 
 impl<const R: usize> DfdxSession<R> {
@@ -77,10 +78,10 @@ impl<const R: usize> DfdxSession<R> {
         setup(&mut model.0, spec, 0)?;
         setup(&mut model.2, spec, 1)?;
         setup(&mut model.4, spec, 2)?;
-        let opt = DfdxMgpo::new(&model, spec.config)?;
-        let expect = ["0.lora_a", "0.lora_b", "2.lora_a", "2.lora_b", "4.lora_a", "4.lora_b"];
-        if opt.trainable_names() != expect {
-            return Err(err(format!("unexpected trainable tensors {:?}", opt.trainable_names())));
+        let opt = MgpoOptimizer::new(&model, spec.config)?;
+        let names: Vec<&str> = opt.layout().tensors().iter().map(|t| t.name.as_str()).collect();
+        if names != ["0.a", "0.b", "2.a", "2.b", "4.a", "4.b"] {
+            return Err(err(format!("unexpected trainable tensors {names:?}")));
         }
         let grads = Some(model.alloc_grads());
         Ok(DfdxSession { dev, model, opt, grads })
@@ -141,7 +142,7 @@ impl<const R: usize> Session for DfdxSession<R> {
     }
 
     fn shapes(&self) -> Vec<Vec<usize>> {
-        self.opt.mgpo().layout().tensors().iter().map(|t| t.shape.clone()).collect()
+        self.opt.layout().tensors().iter().map(|t| t.shape.clone()).collect()
     }
 
     fn params(&self) -> Result<Vec<Vec<f32>>> {
