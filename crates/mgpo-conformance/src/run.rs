@@ -6,7 +6,7 @@ use std::path::Path;
 
 use mgpo_core::{HostIo, Layout, Mgpo, Space, TensorOps};
 
-use crate::vector::{load_dir, Tolerance, TensorData, Vector};
+use crate::vector::{load_dir, Dtype, Tolerance, TensorData, Vector};
 
 /// The largest errors seen on one compared quantity.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,8 +97,10 @@ impl Meter {
 /// Runs `v` on `backend`: perturb, feed the step's gradients, step, and
 /// compare everything the vector expects.
 pub fn run<B: TensorOps + HostIo + Clone>(backend: &B, v: &Vector) -> Outcome {
-    let mut meter = Meter::new(v.tolerance);
-    if let Err(e) = drive(backend, v, &mut meter) {
+    let mut meter = Meter::new(v.tolerances.get(if backend.f64_exact() { Dtype::F64 } else { Dtype::F32 }));
+    if !v.param_groups.is_empty() {
+        meter.failures.push("run stopped: this runner does not apply parameter groups (`param_groups`) yet".into());
+    } else if let Err(e) = drive(backend, v, &mut meter) {
         meter.failures.insert(0, format!("run stopped: {e}"));
     }
     Outcome { name: v.name.clone(), quantities: meter.q, failures: meter.failures }
@@ -109,6 +111,9 @@ fn drive<B: TensorOps + HostIo + Clone>(be: &B, v: &Vector, meter: &mut Meter) -
     let mut lb = Layout::builder();
     for ad in &v.adapters {
         lb = lb.adapter(&ad.name, ad.alpha, &ad.a.shape, &ad.b.shape, weight);
+    }
+    for p in &v.plain {
+        lb = lb.plain(&p.name, &p.tensor.shape);
     }
     let mut opt = Mgpo::new(be.clone(), v.config, lb.build()?)?;
     let t = |d: &TensorData| be.from_f64(&d.shape, &d.data);
@@ -121,6 +126,10 @@ fn drive<B: TensorOps + HostIo + Clone>(be: &B, v: &Vector, meter: &mut Meter) -
             frozen.push(t(w)?);
         }
     }
+    for p in &v.plain {
+        params.push(t(&p.tensor)?);
+    }
+    let n_ad = v.adapters.len();
     let host = |xs: &[B::Tensor]| xs.iter().map(|x| be.to_f64(x)).collect::<mgpo_core::Result<Vec<_>>>();
     let names: Vec<String> = opt.groups().iter().map(|g| g.name.clone()).collect();
 
@@ -141,12 +150,20 @@ fn drive<B: TensorOps + HostIo + Clone>(be: &B, v: &Vector, meter: &mut Meter) -
                 }
             }
         }
+        for (j, p) in v.plain.iter().enumerate() {
+            if let Some(want) = s.expect.plain_perturbation.get(&p.name) {
+                meter.values("perturbation", &format!("step {step} perturbation {}", p.name), &diff(&p0[2 * n_ad + j], &p1[2 * n_ad + j]), &want.data);
+            }
+        }
 
         let mut grads = Vec::new();
         for ad in &v.adapters {
             let g = &s.grads[&ad.name];
             grads.push(t(&g.a)?);
             grads.push(t(&g.b)?);
+        }
+        for p in &v.plain {
+            grads.push(t(&s.plain_grads[&p.name])?);
         }
         let report = opt.step(&mut params, &mut frozen, &grads)?;
         meter.flag(&format!("step {step} skipped"), report.skipped, s.expect.skipped);
@@ -159,6 +176,11 @@ fn drive<B: TensorOps + HostIo + Clone>(be: &B, v: &Vector, meter: &mut Meter) -
             }
             if let (Some(e), true) = (s.expect.w0.get(&ad.name), weight) {
                 meter.values("w0", &format!("step {step} {}.w0", ad.name), &w2[i], &e.data);
+            }
+        }
+        for (j, p) in v.plain.iter().enumerate() {
+            if let Some(e) = s.expect.plain_params.get(&p.name) {
+                meter.values("params", &format!("step {step} {}", p.name), &p2[2 * n_ad + j], &e.data);
             }
         }
         for (key, want) in &s.expect.grad_norm_ema {
@@ -192,11 +214,12 @@ impl Row {
 
 /// Runs every vector of `dir` on `backend`; unreadable files become failed rows.
 pub fn run_dir<B: TensorOps + HostIo + Clone>(backend: &B, dir: &Path) -> Result<Vec<Row>, String> {
-    Ok(load_dir(dir)?
+    Ok(load_dir(dir)
+        .map_err(|e| e.to_string())?
         .into_iter()
         .map(|(path, v)| Row {
             file: path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()),
-            outcome: v.map(|v| run(backend, &v)),
+            outcome: v.map_err(|e| e.to_string()).map(|v| run(backend, &v)),
         })
         .collect())
 }
