@@ -2,11 +2,11 @@
 # The whole test suite, every backend included, on a fresh machine:
 # installs libtorch for the tch backend, runs every crate's tests, runs the
 # conformance vectors on every backend through the CLI, and re-checks the
-# float64 vector generator against the shared vectors and torch.
+# float64 vector generator against every vector (the copies of the original
+# example set included) and torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shared="${MGPO_SHARED_VECTORS:-../shared/conformance/vectors}"
-[ -d "$shared" ] || { echo "test.sh: shared vectors not found at $shared" >&2; exit 1; }
+vectors=crates/mgpo-conformance/vectors
 
 # shellcheck source=scripts/setup-libtorch.sh
 source scripts/setup-libtorch.sh
@@ -19,15 +19,15 @@ cargo test --workspace --all-features
 
 echo "== mgpo conformance --backend all"
 cargo run -q -p mgpo-cli --all-features -- conformance --backend all \
-  --vectors conformance/vectors --vectors "$shared"
+  --vectors "$vectors"
 
-echo "== float64 generator: agrees with the shared vectors and torch, and reproduces the committed vectors"
-python tools/gen_vectors.py --check-shared "$shared"
+echo "== float64 generator: reproduces every vector, agrees with torch, and regenerates the committed vectors"
+python tools/gen_vectors.py --check-shared "$vectors"
 python tools/gen_vectors.py --check-torch
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 python tools/gen_vectors.py --out "$tmp"
 for f in "$tmp"/*.json; do
-  cmp "$f" "conformance/vectors/$(basename "$f")" || { echo "test.sh: committed vector $(basename "$f") differs from the generator's output" >&2; exit 1; }
+  cmp "$f" "$vectors/$(basename "$f")" || { echo "test.sh: committed vector $(basename "$f") differs from the generator's output" >&2; exit 1; }
 done
 echo "test.sh: all checks passed"

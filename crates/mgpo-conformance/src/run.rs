@@ -7,7 +7,7 @@ use std::path::Path;
 use mgpo_core::backend::{HostIo, TensorOps};
 use mgpo_core::{Layout, Mgpo, Space};
 
-use crate::vector::{load_dir, Tolerance, TensorData, Vector};
+use crate::vector::{load_dir, Dtype, Tolerance, TensorData, Vector};
 
 /// The largest errors seen on one compared quantity.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,7 +98,7 @@ impl Meter {
 /// Runs `v` on `backend`: perturb, feed the step's gradients, step, and
 /// compare everything the vector expects.
 pub fn run<B: TensorOps + HostIo + Clone>(backend: &B, v: &Vector) -> Outcome {
-    let mut meter = Meter::new(v.tolerance);
+    let mut meter = Meter::new(v.tolerances.get(if backend.f64_exact() { Dtype::F64 } else { Dtype::F32 }));
     if let Err(e) = drive(backend, v, &mut meter) {
         meter.failures.insert(0, format!("run stopped: {e}"));
     }
@@ -111,6 +111,13 @@ fn drive<B: TensorOps + HostIo + Clone>(be: &B, v: &Vector, meter: &mut Meter) -
     for ad in &v.adapters {
         lb = lb.adapter(&ad.name, ad.alpha, &ad.a.shape, &ad.b.shape, weight);
     }
+    for p in &v.plain {
+        lb = lb.plain(&p.name, &p.tensor.shape);
+    }
+    for g in &v.param_groups {
+        let group = mgpo_core::ParamGroup { name: g.name.clone(), lr_scale: g.lr_scale, weight_decay: g.weight_decay };
+        lb = lb.param_group(group, &g.tensors.iter().map(String::as_str).collect::<Vec<_>>());
+    }
     let mut opt = Mgpo::new(be.clone(), v.config, lb.build()?)?;
     let t = |d: &TensorData| be.from_f64(&d.shape, &d.data);
     let mut values = Vec::new();
@@ -122,6 +129,10 @@ fn drive<B: TensorOps + HostIo + Clone>(be: &B, v: &Vector, meter: &mut Meter) -
             frozen.push(t(w)?);
         }
     }
+    for p in &v.plain {
+        values.push(t(&p.tensor)?);
+    }
+    let n_ad = v.adapters.len();
     let n_params = values.len();
     values.extend(frozen);
     let mut tensors: Vec<(String, B::Tensor)> = opt.layout().names().map(str::to_string).zip(values).collect();
@@ -149,12 +160,20 @@ fn drive<B: TensorOps + HostIo + Clone>(be: &B, v: &Vector, meter: &mut Meter) -
                 }
             }
         }
+        for (j, p) in v.plain.iter().enumerate() {
+            if let Some(want) = s.expect.plain_perturbation.get(&p.name) {
+                meter.values("perturbation", &format!("step {step} perturbation {}", p.name), &diff(&p0[2 * n_ad + j], &p1[2 * n_ad + j]), &want.data);
+            }
+        }
 
         let mut grads = Vec::new();
         for ad in &v.adapters {
             let g = &s.grads[&ad.name];
             grads.push((format!("{}.a", ad.name), t(&g.a)?));
             grads.push((format!("{}.b", ad.name), t(&g.b)?));
+        }
+        for p in &v.plain {
+            grads.push((p.name.clone(), t(&s.plain_grads[&p.name])?));
         }
         let report = opt.step(&mut tensors, &grads)?;
         meter.flag(&format!("step {step} skipped"), report.skipped, s.expect.skipped);
@@ -167,6 +186,11 @@ fn drive<B: TensorOps + HostIo + Clone>(be: &B, v: &Vector, meter: &mut Meter) -
             }
             if let (Some(e), true) = (s.expect.w0.get(&ad.name), weight) {
                 meter.values("w0", &format!("step {step} {}.w0", ad.name), &w2[i], &e.data);
+            }
+        }
+        for (j, p) in v.plain.iter().enumerate() {
+            if let Some(e) = s.expect.plain_params.get(&p.name) {
+                meter.values("params", &format!("step {step} {}", p.name), &p2[2 * n_ad + j], &e.data);
             }
         }
         for (key, want) in &s.expect.grad_norm_ema {
@@ -200,11 +224,12 @@ impl Row {
 
 /// Runs every vector of `dir` on `backend`; unreadable files become failed rows.
 pub fn run_dir<B: TensorOps + HostIo + Clone>(backend: &B, dir: &Path) -> Result<Vec<Row>, String> {
-    Ok(load_dir(dir)?
+    Ok(load_dir(dir)
+        .map_err(|e| e.to_string())?
         .into_iter()
         .map(|(path, v)| Row {
             file: path.file_name().map_or_else(|| path.display().to_string(), |f| f.to_string_lossy().into_owned()),
-            outcome: v.map(|v| run(backend, &v)),
+            outcome: v.map_err(|e| e.to_string()).map(|v| run(backend, &v)),
         })
         .collect())
 }

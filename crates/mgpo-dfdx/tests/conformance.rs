@@ -2,7 +2,7 @@
 //! reference and the ndarray backend.
 
 use mgpo_conformance::props::{case_strategy, check_against_reference, check_agree};
-use mgpo_conformance::{assert_dir_passes, project_vectors_dir, shared_vectors_dir};
+use mgpo_conformance::{assert_dir_passes, project_vectors_dir};
 use mgpo_dfdx::{cpu_f32, cpu_f64};
 use mgpo_ndarray::NdBackend;
 use proptest::prelude::*;
@@ -15,16 +15,6 @@ fn project_vectors_f64() {
 #[test]
 fn project_vectors_f32() {
     assert_dir_passes(&cpu_f32(), project_vectors_dir());
-}
-
-#[test]
-fn shared_vectors_f64() {
-    assert_dir_passes(&cpu_f64(), shared_vectors_dir());
-}
-
-#[test]
-fn shared_vectors_f32() {
-    assert_dir_passes(&cpu_f32(), shared_vectors_dir());
 }
 
 proptest! {

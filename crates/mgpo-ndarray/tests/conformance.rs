@@ -1,7 +1,7 @@
 //! The ndarray backend against the float64 vectors and reference.
 
 use mgpo_conformance::props::{case_strategy, check_against_reference, check_agree};
-use mgpo_conformance::{assert_dir_passes, project_vectors_dir, shared_vectors_dir};
+use mgpo_conformance::{assert_dir_passes, project_vectors_dir};
 use mgpo_ndarray::NdBackend;
 use proptest::prelude::*;
 
@@ -13,16 +13,6 @@ fn project_vectors_f64() {
 #[test]
 fn project_vectors_f32() {
     assert_dir_passes(&NdBackend::<f32>::new(), project_vectors_dir());
-}
-
-#[test]
-fn shared_vectors_f64() {
-    assert_dir_passes(&NdBackend::<f64>::new(), shared_vectors_dir());
-}
-
-#[test]
-fn shared_vectors_f32() {
-    assert_dir_passes(&NdBackend::<f32>::new(), shared_vectors_dir());
 }
 
 /// The parallel code path (threshold 1) computes what the serial one does.

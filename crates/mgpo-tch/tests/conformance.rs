@@ -1,17 +1,7 @@
-//! The shared and the project's conformance vectors on tch, f32 and f64.
+//! The conformance vectors on tch, f32 and f64.
 
-use mgpo_conformance::{assert_dir_passes, project_vectors_dir, shared_vectors_dir};
+use mgpo_conformance::{assert_dir_passes, project_vectors_dir};
 use mgpo_tch::{cpu_f32, cpu_f64};
-
-#[test]
-fn shared_vectors_f32() {
-    assert_dir_passes(&cpu_f32(), shared_vectors_dir());
-}
-
-#[test]
-fn shared_vectors_f64() {
-    assert_dir_passes(&cpu_f64(), shared_vectors_dir());
-}
 
 #[test]
 fn project_vectors_f32() {
