@@ -9,9 +9,12 @@
 //! inputs), generated from the example index, so every process count sees
 //! the same global batches.
 //!
+//! Built as the binary `mgpo-data-parallel` (feature `example`):
+//!
 //! ```text
-//! mpirun -np 4 target/debug/examples/data_parallel --steps 20     (see docs/distributed.md for flags)
-//! target/debug/examples/data_parallel --single --steps 20         (one process, no MPI)
+//! cargo build --release -p mgpo-mpi --features example
+//! mpirun -np 4 target/release/mgpo-data-parallel --steps 20    (flags for one machine: docs/distributed.md)
+//! target/release/mgpo-data-parallel --single --steps 20        (one process, no MPI)
 //! ```
 //!
 //! Options: `--dtype f32|f64`, `--preset NAME` (mgpo_core::Config::preset),
@@ -173,6 +176,9 @@ struct Net<F> {
 
 const ALPHA: f64 = 16.0;
 
+/// A new network with its trainable tensors, base weights and layout.
+type Built<F> = (Net<F>, Vec<ArrayD<F>>, Vec<ArrayD<F>>, Layout);
+
 fn m2<F>(t: &ArrayD<F>) -> Res<ArrayView2<'_, F>> {
     Ok(t.view().into_dimensionality::<Ix2>()?)
 }
@@ -188,7 +194,7 @@ impl<F: Element> Net<F> {
 
     /// The network, its trainable tensors, its frozen base weights and the
     /// optimizer's layout (W0 registered when the preset perturbs in weight space).
-    fn new(widths: &[usize], rank: usize, space: Space) -> Res<(Self, Vec<ArrayD<F>>, Vec<ArrayD<F>>, Layout)> {
+    fn new(widths: &[usize], rank: usize, space: Space) -> Res<Built<F>> {
         let mut layout = Layout::builder();
         let (mut params, mut frozen, mut bias) = (Vec::new(), Vec::new(), Vec::new());
         for l in 0..widths.len() - 1 {

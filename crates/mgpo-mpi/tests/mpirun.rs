@@ -1,4 +1,4 @@
-//! Data parallelism against one process: the example `data_parallel` runs
+//! Data parallelism against one process: the example data_parallel.rs runs
 //! once without MPI on the whole batch, then under `mpirun -np 2` and
 //! `-np 4` on slices of it. Every rank must end with the same bits, and
 //! those must equal the one-process run within the conformance tolerance of
@@ -18,20 +18,10 @@ use std::sync::Mutex;
 /// One mpirun at a time: 4-rank jobs side by side on 2 cores only slow each other.
 static MPIRUN: Mutex<()> = Mutex::new(());
 
-/// `target/<profile>/examples/data_parallel`, which `cargo test` builds
-/// before it runs the tests (the example is what a user runs, so the test
-/// runs that and no copy of it).
-fn example() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
-    let path = profile_dir.join("examples").join("data_parallel");
-    assert!(
-        path.is_file(),
-        "{} is missing: run the tests with `cargo test -p mgpo-mpi --features mpi` (which builds the example), \
-         or build it first with `cargo build -p mgpo-mpi --features mpi --example data_parallel`",
-        path.display()
-    );
-    path
+/// The example examples/data_parallel.rs, built by cargo as the binary
+/// `mgpo-data-parallel` before this test runs.
+fn example() -> &'static str {
+    env!("CARGO_BIN_EXE_mgpo-data-parallel")
 }
 
 fn out_file(name: &str) -> PathBuf {
