@@ -17,8 +17,10 @@
 //! The gradients travel in buckets: the tensors are read as one stream of
 //! elements in registration order, cut into buckets of at most
 //! `bucket_elems` elements (a tensor may straddle two buckets), and each
-//! bucket is one collective call. The bucket buffer is allocated on the
-//! first call and reused; nothing parameter-sized is allocated per step.
+//! bucket is one collective call. A bucket that lies inside one tensor is
+//! reduced in place; the others are packed into one buffer, allocated on
+//! first use and reused, so nothing parameter-sized is allocated per step.
+//! On one rank nothing is communicated or copied.
 
 use std::ops::Range;
 
@@ -159,16 +161,34 @@ impl<C: Collective, E: Scalar> DataParallel<C, E> {
         for (index, t) in ts.iter().enumerate() {
             total += t.flat().ok_or_else(|| CommError::NotContiguous { index, shape: t.dims() })?.len();
         }
-        let cap = self.bucket_elems.min(total);
-        if self.bucket.len() < cap {
-            self.bucket.resize(cap, E::default());
+        if self.comm.size() == 1 {
+            if let Op::Sum { scale } = op {
+                if scale != 1.0 {
+                    let s = E::from_f64(scale);
+                    for t in 0..ts.len() {
+                        flat_mut(ts, t)?.iter_mut().for_each(|x| *x = x.mul(s));
+                    }
+                }
+            }
+            return Ok(());
         }
+        let cap = self.bucket_elems.min(total);
         self.pieces.clear();
         let mut fill = 0;
         for t in 0..ts.len() {
             let len = flat(ts, t)?.len();
             let mut start = 0;
             while start < len {
+                // Packing is for small tensors: a bucket that one tensor
+                // fills on its own is reduced where it lies.
+                if fill == 0 && len - start >= cap {
+                    self.in_place(ts, t, start..start + cap, op)?;
+                    start += cap;
+                    continue;
+                }
+                if self.bucket.len() < cap {
+                    self.bucket.resize(cap, E::default());
+                }
                 let n = (cap - fill).min(len - start);
                 self.bucket[fill..fill + n].copy_from_slice(&flat(ts, t)?[start..start + n]);
                 self.pieces.push((t, start, n));
@@ -186,6 +206,30 @@ impl<C: Collective, E: Scalar> DataParallel<C, E> {
         Ok(())
     }
 
+    /// One collective call on a bucket-sized piece of one tensor, in place.
+    fn in_place<T: Bucketable<Elem = E>>(&mut self, ts: &mut [T], t: usize, range: Range<usize>, op: Op) -> Result<()> {
+        let n = range.len();
+        let piece = &mut flat_mut(ts, t)?[range];
+        match op {
+            Op::Sum { scale } => {
+                self.comm.all_reduce_sum(E::buf_mut(piece))?;
+                if scale != 1.0 {
+                    let s = E::from_f64(scale);
+                    piece.iter_mut().for_each(|x| *x = x.mul(s));
+                }
+            }
+            Op::Broadcast { root } => self.comm.broadcast(E::buf_mut(piece), root)?,
+        }
+        self.count(n);
+        Ok(())
+    }
+
+    fn count(&mut self, elems: usize) {
+        self.stats.calls += 1;
+        self.stats.elements += elems as u64;
+        self.stats.bytes += (elems * std::mem::size_of::<E>()) as u64;
+    }
+
     /// One collective call on the bucket's first `fill` elements, then the
     /// result copied back into the tensors it came from.
     fn flush<T: Bucketable<Elem = E>>(&mut self, ts: &mut [T], fill: usize, op: Op) -> Result<()> {
@@ -200,9 +244,7 @@ impl<C: Collective, E: Scalar> DataParallel<C, E> {
                 None
             }
         };
-        self.stats.calls += 1;
-        self.stats.elements += fill as u64;
-        self.stats.bytes += (fill * std::mem::size_of::<E>()) as u64;
+        self.count(fill);
         let mut at = 0;
         for &(t, start, n) in &self.pieces {
             let dst = &mut flat_mut(ts, t)?[start..start + n];
@@ -319,6 +361,20 @@ mod tests {
     }
 
     #[test]
+    fn tensors_that_fill_whole_buckets_are_reduced_in_place() {
+        let comm = Pretend { size: 2, others: 1.0, calls: RefCell::default() };
+        let mut dp = DataParallel::<_, f64>::new(&comm, 8).unwrap();
+        let mut g = tensors(&[8, 16]);
+        dp.all_reduce(&mut g, 1.0).unwrap();
+        assert_eq!(g, tensors(&[8, 16]).into_iter().map(|t| t * 2.0).collect::<Vec<_>>());
+        assert_eq!((dp.bucket.capacity(), comm.calls.borrow().clone()), (0, vec![8, 8, 8]));
+        let mut g = tensors(&[8, 3, 9]);
+        dp.all_reduce(&mut g, 1.0).unwrap();
+        assert_eq!(g, tensors(&[8, 3, 9]).into_iter().map(|t| t * 2.0).collect::<Vec<_>>());
+        assert_eq!(dp.bucket.len(), 8, "the 3 + 5 elements straddling two tensors are packed");
+    }
+
+    #[test]
     fn broadcast_overwrites_every_element_through_mut_refs() {
         let comm = Pretend { size: 2, others: 0.0, calls: RefCell::default() };
         let mut dp = DataParallel::<_, f64>::new(&comm, 4).unwrap();
@@ -350,7 +406,8 @@ mod tests {
         assert!(g[0].iter().all(|&x| x == 1.5) && g[1].iter().all(|&x| x == -2.0));
         dp.all_reduce(&mut g, 0.25).unwrap();
         assert!(g[0].iter().all(|&x| x == 0.375) && g[1].iter().all(|&x| x == -0.5));
-        assert_eq!(dp.bucket.len(), 10, "the bucket is no larger than the gradients");
+        assert_eq!(dp.stats(), CommStats::default(), "one rank communicates nothing");
+        assert_eq!(dp.bucket.capacity(), 0, "one rank packs nothing");
     }
 
     #[test]
