@@ -5,7 +5,11 @@ on the demo network's shape and on a 1e7-parameter network.
 
 Runs the binary mgpo-data-parallel (crates/mgpo-mpi/examples/data_parallel.rs)
 under mpirun with one thread per rank, `--runs` times per point, and prints
-a markdown table of the medians; `--json-out` keeps every run's summary.
+a markdown table of the medians (the row shown is the run with the median
+step time); `--json-out` keeps every run's summary. Each step is timed in
+phases: compute (forward + backward on the rank's slice), wait (a barrier:
+the time until the slowest rank is done), all-reduce (the bucketed
+gradient sum), optimizer (perturb + step).
 
     cargo build --release -p mgpo-mpi --features example
     python3 tools/bench_mpi.py --runs 3 --json-out benches/results/mpi.json
@@ -38,7 +42,7 @@ ENV = {
 
 def run(exe, case, ranks):
     c = CASES[case]
-    cmd = ["mpirun", "-np", str(ranks), "--timeout", "600", exe, "--dtype", "f32", "--preset", "paper-nlu",
+    cmd = ["mpirun", "-np", str(ranks), "--timeout", "600", exe, "--time-wait", "--dtype", "f32", "--preset", "paper-nlu",
            "--batch", str(c["per_rank_batch"] * ranks)] + c["args"]
     out = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True)
     if out.returncode != 0:
@@ -50,8 +54,8 @@ def run(exe, case, ranks):
 
 
 def table(results):
-    rows = ["| case | ranks | global batch | step ms | compute ms | comm ms | optimizer ms | payload MB/step | sent MB/rank/step | calls/step | samples/s | efficiency T1/TN | vs min(N, 2 cores) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| case | ranks | global batch | step ms | compute ms | wait ms | all-reduce ms | optimizer ms | payload MB/step | sent MB/rank/step | calls/step | samples/s | efficiency T1/TN | vs min(N, 2 cores) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case in CASES:
         pts = {r: v for (c, r), v in results.items() if c == case}
         if 1 not in pts:
@@ -63,7 +67,7 @@ def table(results):
             eff = med[1] / med[r]
             ideal = min(r, 2)
             rows.append(
-                f"| {case} ({s['trainable_params']:,} params) | {r} | {s['global_batch']} | {med[r]:.2f} | {s['compute_ms']:.2f} | {s['comm_ms']:.2f} | "
+                f"| {case} ({s['trainable_params']:,} params) | {r} | {s['global_batch']} | {med[r]:.2f} | {s['compute_ms']:.2f} | {s['wait_ms']:.2f} | {s['comm_ms']:.2f} | "
                 f"{s['optimizer_ms']:.2f} | {s['payload_bytes_per_step'] / 1e6:.3f} | {s['sent_bytes_per_rank_per_step'] / 1e6:.3f} | "
                 f"{s['calls_per_step']:.0f} | {s['samples_per_s']:.0f} | {eff:.0%} | {eff * r / ideal:.0%} |")
     return "\n".join(rows)
@@ -91,8 +95,9 @@ def main():
             for _ in range(a.runs):
                 s = run(a.exe, case, ranks)
                 s["case"] = case
+                s["loadavg_1min"] = os.getloadavg()[0]
                 results.setdefault((case, ranks), []).append(s)
-                print(f"{case} np={ranks}: step {s['step_ms']:.2f} ms (compute {s['compute_ms']:.2f}, comm {s['comm_ms']:.2f})", file=sys.stderr)
+                print(f"{case} np={ranks}: step {s['step_ms']:.2f} ms (compute {s['compute_ms']:.2f}, wait {s['wait_ms']:.2f}, all-reduce {s['comm_ms']:.2f}, load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump({"machine": os.uname().nodename, "cpus": os.cpu_count(), "loadavg_after": os.getloadavg(),

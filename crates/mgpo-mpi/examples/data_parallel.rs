@@ -21,7 +21,11 @@
 //! `--lr X`, `--steps N`, `--batch N` (global), `--widths 64,128,128,10`
 //! (the demo network's shape), `--rank R` (LoRA rank; 0 trains every weight
 //! matrix in full instead, as plain tensors), `--bucket-elems N`,
-//! `--warmup N` (steps left out of the timings), `--out FILE` (rank 0 writes
+//! `--warmup N` (steps left out of the timings), `--time-wait` (a barrier
+//! before the gradient all-reduce, to time apart the wait for the slowest
+//! rank and the transfer), `--fail-rank R` (rank R fails in its second
+//! step, as a failing forward pass would: the job must end, not hang),
+//! `--out FILE` (rank 0 writes
 //! every rank's final tensors there: for each rank, its trainable tensors
 //! then its base weights, as little-endian f64). Rank 0 prints one JSON line
 //! with the losses, the timings and the bytes communicated.
@@ -67,6 +71,8 @@ struct Args {
     rank: usize,
     bucket_elems: usize,
     warmup: usize,
+    time_wait: bool,
+    fail_rank: Option<usize>,
     out: Option<String>,
 }
 
@@ -82,12 +88,15 @@ fn parse_args() -> Res<Args> {
         rank: 8,
         bucket_elems: DEFAULT_BUCKET_ELEMS,
         warmup: 2,
+        time_wait: false,
+        fail_rank: None,
         out: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        if flag == "--single" {
-            a.single = true;
+        if flag == "--single" || flag == "--time-wait" {
+            a.single |= flag == "--single";
+            a.time_wait |= flag == "--time-wait";
             continue;
         }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -102,6 +111,7 @@ fn parse_args() -> Res<Args> {
             "--bucket-elems" => a.bucket_elems = v.parse()?,
             "--warmup" => a.warmup = v.parse()?,
             "--out" => a.out = Some(v),
+            "--fail-rank" => a.fail_rank = Some(v.parse()?),
             _ => return Err(format!("unknown option {flag}").into()),
         }
     }
@@ -291,6 +301,7 @@ impl<F: Element> Net<F> {
 #[derive(Default)]
 struct Clock {
     compute: f64,
+    wait: f64,
     comm: f64,
     optimizer: f64,
     total: f64,
@@ -320,8 +331,15 @@ fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
         let first = step * args.batch;
         let mine = shard_range(args.batch, rank, size);
         let (x, labels) = data.batch::<F>(first + mine.start..first + mine.end);
+        if args.fail_rank == Some(rank) && step == 1 {
+            return Err(format!("rank {rank}: forward pass failed (--fail-rank)").into());
+        }
         let mut loss = [net.loss_and_grads(&params, &frozen, x, &labels, args.batch, &mut grads)?];
         let t2 = Instant::now();
+        if args.time_wait {
+            comm.barrier()?;
+        }
+        let t2b = Instant::now();
         dp.all_reduce(&mut grads, 1.0)?;
         let t3 = Instant::now();
         let report = optimizer::step(&mut opt, &mut params, &mut frozen, &grads)?;
@@ -336,7 +354,8 @@ fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
         if step >= args.warmup {
             let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
             clock.compute += ms(t1, t2);
-            clock.comm += ms(t2, t3);
+            clock.wait += ms(t2, t2b);
+            clock.comm += ms(t2b, t3);
             clock.optimizer += ms(t0, t1) + ms(t3, t4);
             clock.total += ms(t0, t4);
             clock.steps += 1;
@@ -375,6 +394,7 @@ fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
             "timed_steps": clock.steps,
             "step_ms": clock.total / steps,
             "compute_ms": clock.compute / steps,
+            "wait_ms": clock.wait / steps,
             "comm_ms": clock.comm / steps,
             "optimizer_ms": clock.optimizer / steps,
             "compute_ms_per_rank": per_rank,
@@ -390,11 +410,20 @@ fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
 
 fn main() -> Res<()> {
     let args = parse_args()?;
-    match (args.single, args.dtype.as_str()) {
-        (true, "f32") => run::<f32, _>(SingleProcess, &args),
-        (true, "f64") => run::<f64, _>(SingleProcess, &args),
-        (false, "f32") => run::<f32, _>(MpiComm::init()?, &args),
-        (false, "f64") => run::<f64, _>(MpiComm::init()?, &args),
-        (_, d) => Err(format!("--dtype must be f32 or f64, got {d}").into()),
+    let f64 = match args.dtype.as_str() {
+        "f32" => false,
+        "f64" => true,
+        d => return Err(format!("--dtype must be f32 or f64, got {d}").into()),
+    };
+    if args.single {
+        return if f64 { run::<f64, _>(SingleProcess, &args) } else { run::<f32, _>(SingleProcess, &args) };
     }
+    let comm = MpiComm::init()?;
+    let result = if f64 { run::<f64, _>(&comm, &args) } else { run::<f32, _>(&comm, &args) };
+    if let Err(e) = result {
+        // Returning would leave the other ranks blocked in their next collective.
+        eprintln!("rank {}: {e}", comm.rank());
+        comm.abort(1);
+    }
+    Ok(())
 }

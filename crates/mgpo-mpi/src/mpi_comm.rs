@@ -49,6 +49,14 @@ impl MpiComm {
         Ok(MpiComm { world, rank, size, scratch_f32: RefCell::default(), scratch_f64: RefCell::default(), _universe: universe })
     }
 
+    /// Ends every rank of the job with exit status `code` (`MPI_Abort`).
+    /// A rank that cannot go on must call this rather than return: returning
+    /// finalises MPI on this rank while the others wait in their next
+    /// collective, and the job hangs.
+    pub fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
+
     /// The MPI library's own description (`MPI_Get_library_version`).
     pub fn library_version() -> String {
         mpi::environment::library_version().unwrap_or_else(|e| format!("unknown ({e})"))

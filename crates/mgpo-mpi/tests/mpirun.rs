@@ -24,6 +24,18 @@ fn example() -> &'static str {
     env!("CARGO_BIN_EXE_mgpo-data-parallel")
 }
 
+/// `mpirun -np N <example>`, configured for this machine through the environment.
+fn mpirun(ranks: usize) -> Command {
+    let mut c = Command::new("mpirun");
+    c.args(["-np", &ranks.to_string(), "--timeout", "300"]).arg(example());
+    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("OMPI_MCA_btl", "self,vader")
+        .env("RAYON_NUM_THREADS", "1");
+    c
+}
+
 fn out_file(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("mpirun-{name}-{}.bin", std::process::id()))
 }
@@ -42,16 +54,9 @@ fn run(ranks: usize, name: &str, args: &[&str]) -> (serde_json::Value, Vec<Vec<f
         c.arg("--single");
         c
     } else {
-        let mut c = Command::new("mpirun");
-        c.args(["-np", &ranks.to_string(), "--timeout", "300"]).arg(example());
-        c
+        mpirun(ranks)
     };
     cmd.args(args).arg("--out").arg(&out);
-    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
-        .env("OMPI_MCA_btl", "self,vader")
-        .env("RAYON_NUM_THREADS", "1");
     let guard = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
     let output = cmd.output().unwrap_or_else(|e| panic!("cannot start {cmd:?} (is Open MPI installed? scripts/setup-mpi.sh): {e}"));
     drop(guard);
@@ -124,4 +129,17 @@ fn f32_small_buckets_straddling_tensors_match_one_process() {
     // 16*40 + 40*24 + 24*5 = 1720 elements: two buckets a step.
     assert_eq!(summary["calls_per_step"], 2.0);
     assert_eq!(summary["payload_bytes_per_step"], 1720.0 * 4.0);
+}
+
+/// A rank that fails mid-run ends the whole job with an error instead of
+/// leaving the other ranks blocked in the all-reduce.
+#[test]
+fn a_failing_rank_ends_the_job() {
+    let _guard = MPIRUN.lock().unwrap_or_else(|e| e.into_inner());
+    let start = std::time::Instant::now();
+    let output = mpirun(2).args(["--fail-rank", "1", "--steps", "5"]).output().expect("mpirun starts");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "the job succeeded: {stderr}");
+    assert!(stderr.contains("rank 1: forward pass failed"), "{stderr}");
+    assert!(start.elapsed().as_secs() < 60, "the job took {:?} to end", start.elapsed());
 }
