@@ -119,6 +119,13 @@ fn f64_weight_space_with_uneven_slices_matches_one_process() {
     check("f64-trainer", &["--dtype", "f64", "--preset", "trainer-nlu", "--steps", "15", "--batch", "30"], 1e-8, 1e-10);
 }
 
+/// The two settings in the other dtype each.
+#[test]
+fn f64_adapter_space_and_f32_weight_space_match_one_process() {
+    check("f64-paper", &["--dtype", "f64", "--preset", "paper-nlu", "--steps", "15", "--batch", "64"], 1e-8, 1e-10);
+    check("f32-trainer", &["--dtype", "f32", "--preset", "trainer-nlu", "--steps", "15", "--batch", "30"], 2e-3, 2e-5);
+}
+
 /// Full fine-tuning (plain tensors, no adapter) with buckets of 1000
 /// elements, so that tensors straddle buckets and a step makes several calls.
 #[test]
