@@ -40,9 +40,9 @@ ENV = {
 }
 
 
-def run(exe, case, ranks):
+def run(exe, case, ranks, how):
     c = CASES[case]
-    cmd = ["mpirun", "-np", str(ranks), "--timeout", "600", exe, "--time-wait", "--dtype", "f32", "--preset", "paper-nlu",
+    cmd = ["mpirun", "-np", str(ranks), "--timeout", "600", exe, "--time-wait", "--all-reduce", how, "--dtype", "f32", "--preset", "paper-nlu",
            "--batch", str(c["per_rank_batch"] * ranks)] + c["args"]
     out = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True)
     if out.returncode != 0:
@@ -54,10 +54,10 @@ def run(exe, case, ranks):
 
 
 def table(results):
-    rows = ["| case | ranks | global batch | step ms | compute ms | wait ms | all-reduce ms | optimizer ms | payload MB/step | sent MB/rank/step | calls/step | samples/s | efficiency T1/TN | vs min(N, 2 cores) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for case in CASES:
-        pts = {r: v for (c, r), v in results.items() if c == case}
+    rows = ["| case | all-reduce | ranks | global batch | step ms | compute ms | wait ms | all-reduce ms | optimizer ms | payload MB/step | sent MB/rank/step | calls/step | samples/s | efficiency T1/TN | vs min(N, 2 cores) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case, how in sorted({(c, h) for (c, h, _) in results}, key=lambda k: (list(CASES).index(k[0]), k[1])):
+        pts = {r: v for (c, h, r), v in results.items() if (c, h) == (case, how)}
         if 1 not in pts:
             continue
         med = {r: statistics.median(s["step_ms"] for s in runs) for r, runs in pts.items()}
@@ -67,7 +67,7 @@ def table(results):
             eff = med[1] / med[r]
             ideal = min(r, 2)
             rows.append(
-                f"| {case} ({s['trainable_params']:,} params) | {r} | {s['global_batch']} | {med[r]:.2f} | {s['compute_ms']:.2f} | {s['wait_ms']:.2f} | {s['comm_ms']:.2f} | "
+                f"| {case} ({s['trainable_params']:,} params) | {how} | {r} | {s['global_batch']} | {med[r]:.2f} | {s['compute_ms']:.2f} | {s['wait_ms']:.2f} | {s['comm_ms']:.2f} | "
                 f"{s['optimizer_ms']:.2f} | {s['payload_bytes_per_step'] / 1e6:.3f} | {s['sent_bytes_per_rank_per_step'] / 1e6:.3f} | "
                 f"{s['calls_per_step']:.0f} | {s['samples_per_s']:.0f} | {eff:.0%} | {eff * r / ideal:.0%} |")
     return "\n".join(rows)
@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ranks", default="1,2,4")
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--all-reduce", default="native,scatter-gather", help="mgpo_mpi::AllReduce ways to measure")
     ap.add_argument("--json-out")
     ap.add_argument("--from-json", help="print the table of a saved --json-out file instead of running")
     a = ap.parse_args()
@@ -86,18 +87,20 @@ def main():
         saved = json.load(open(a.from_json))
         results = {}
         for s in saved["runs"]:
-            results.setdefault((s["case"], s["ranks"]), []).append(s)
+            results.setdefault((s["case"], s["all_reduce"], s["ranks"]), []).append(s)
         print(table(results))
         return
     results = {}
+    # The two ways of summing alternate run by run, so that they see the same machine.
     for case in a.cases.split(","):
         for ranks in map(int, a.ranks.split(",")):
             for _ in range(a.runs):
-                s = run(a.exe, case, ranks)
-                s["case"] = case
-                s["loadavg_1min"] = os.getloadavg()[0]
-                results.setdefault((case, ranks), []).append(s)
-                print(f"{case} np={ranks}: step {s['step_ms']:.2f} ms (compute {s['compute_ms']:.2f}, wait {s['wait_ms']:.2f}, all-reduce {s['comm_ms']:.2f}, load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+                for how in a.all_reduce.split(","):
+                    s = run(a.exe, case, ranks, how)
+                    s["case"], s["all_reduce"] = case, how
+                    s["loadavg_1min"] = os.getloadavg()[0]
+                    results.setdefault((case, how, ranks), []).append(s)
+                    print(f"{case} {how} np={ranks}: step {s['step_ms']:.2f} ms (compute {s['compute_ms']:.2f}, wait {s['wait_ms']:.2f}, all-reduce {s['comm_ms']:.2f}, load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump({"machine": os.uname().nodename, "cpus": os.cpu_count(), "loadavg_after": os.getloadavg(),

@@ -25,7 +25,7 @@
 //! before the gradient all-reduce, to time apart the wait for the slowest
 //! rank and the transfer), `--fail-rank R` (rank R fails in its second
 //! step, as a failing forward pass would: the job must end, not hang),
-//! `--out FILE` (rank 0 writes
+//! `--all-reduce native|scatter-gather` (mgpo_mpi::AllReduce), `--out FILE` (rank 0 writes
 //! every rank's final tensors there: for each rank, its trainable tensors
 //! then its base weights, as little-endian f64). Rank 0 prints one JSON line
 //! with the losses, the timings and the bytes communicated.
@@ -34,7 +34,7 @@ use std::error::Error;
 use std::time::Instant;
 
 use mgpo_core::{Config, Layout, Space};
-use mgpo_mpi::{shard_range, Buf, BufMut, Collective, DataParallel, MpiComm, Scalar, SingleProcess, DEFAULT_BUCKET_ELEMS};
+use mgpo_mpi::{shard_range, AllReduce, Buf, BufMut, Collective, DataParallel, MpiComm, Scalar, SingleProcess, DEFAULT_BUCKET_ELEMS};
 use mgpo_ndarray::Element;
 use ndarray::{linalg::general_mat_mul, Array1, Array2, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix2, IxDyn};
 
@@ -73,6 +73,7 @@ struct Args {
     warmup: usize,
     time_wait: bool,
     fail_rank: Option<usize>,
+    all_reduce: AllReduce,
     out: Option<String>,
 }
 
@@ -90,6 +91,7 @@ fn parse_args() -> Res<Args> {
         warmup: 2,
         time_wait: false,
         fail_rank: None,
+        all_reduce: AllReduce::Native,
         out: None,
     };
     let mut it = std::env::args().skip(1);
@@ -112,6 +114,13 @@ fn parse_args() -> Res<Args> {
             "--warmup" => a.warmup = v.parse()?,
             "--out" => a.out = Some(v),
             "--fail-rank" => a.fail_rank = Some(v.parse()?),
+            "--all-reduce" => {
+                a.all_reduce = match v.as_str() {
+                    "native" => AllReduce::Native,
+                    "scatter-gather" => AllReduce::ScatterGather,
+                    _ => return Err(format!("--all-reduce must be native or scatter-gather, got {v}").into()),
+                }
+            }
             _ => return Err(format!("unknown option {flag}").into()),
         }
     }
@@ -418,7 +427,7 @@ fn main() -> Res<()> {
     if args.single {
         return if f64 { run::<f64, _>(SingleProcess, &args) } else { run::<f32, _>(SingleProcess, &args) };
     }
-    let comm = MpiComm::init()?;
+    let comm = MpiComm::init()?.with_all_reduce(args.all_reduce);
     let result = if f64 { run::<f64, _>(&comm, &args) } else { run::<f32, _>(&comm, &args) };
     if let Err(e) = result {
         // Returning would leave the other ranks blocked in their next collective.

@@ -27,5 +27,5 @@ mod single;
 pub use collective::{Buf, BufMut, Collective, CommError, Result, Scalar};
 pub use data_parallel::{shard_range, Bucketable, CommStats, DataParallel, DEFAULT_BUCKET_ELEMS};
 #[cfg(feature = "mpi")]
-pub use mpi_comm::MpiComm;
+pub use mpi_comm::{AllReduce, MpiComm};
 pub use single::SingleProcess;

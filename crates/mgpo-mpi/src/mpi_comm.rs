@@ -1,14 +1,15 @@
 //! [`Collective`] over MPI (the `mpi` crate, any MPI-3 library; built and
 //! tested with Open MPI 4.1 from Debian).
 //!
-//! `all_reduce_sum` is a reduce-scatter followed by an all-gather rather
-//! than `MPI_Allreduce`: the same bytes on the wire as a ring all-reduce
-//! (each rank sends about 2 (N - 1) / N of the buffer), and each element's
-//! sum is computed on one rank and copied to the others, so every rank
-//! holds the same bits whatever algorithm the library picks. (The MPI
-//! standard only recommends, and does not require, that `MPI_Allreduce`
-//! give every rank the same result.) The `len % N` trailing elements that do
-//! not fill a block are all-gathered and added in rank order.
+//! `all_reduce_sum` runs one of two ways ([`AllReduce`]): `MPI_Allreduce`
+//! (the default), or a reduce-scatter followed by an all-gather, in which
+//! each element's sum is computed on one rank and copied to the others.
+//! Both give every rank the same bits with Open MPI and MPICH, whose
+//! all-reduce algorithms (reduce + broadcast, recursive doubling, ring,
+//! Rabenseifner) either compute each sum once or have both partners of a
+//! pair add the same two values, and IEEE addition is commutative; but the
+//! MPI standard only recommends that ranks agree, while the scatter-gather
+//! form agrees by construction, at a price (docs/distributed.md).
 
 use std::cell::RefCell;
 
@@ -17,6 +18,21 @@ use mpi::topology::SimpleCommunicator;
 use mpi::traits::{Communicator, CommunicatorCollectives, Root};
 
 use crate::collective::{check_blocks, check_root, Buf, BufMut, Collective, CommError, Result};
+
+/// How [`MpiComm`] sums a buffer across ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AllReduce {
+    /// `MPI_Allreduce` into a scratch buffer, copied back: the library's own
+    /// algorithm for the message size.
+    #[default]
+    Native,
+    /// `MPI_Reduce_scatter_block` then `MPI_Allgather` (each rank sends
+    /// about 2 (N - 1) / N of the buffer, as a ring all-reduce does): every
+    /// sum is computed on one rank, so all ranks hold the same bits whatever
+    /// the library. The `len % N` trailing elements that fill no block are
+    /// all-gathered and added in rank order.
+    ScatterGather,
+}
 
 /// `MPI_COMM_WORLD`, owning the MPI environment: MPI is finalised when this
 /// is dropped, and cannot be initialised again in the same process.
@@ -28,6 +44,7 @@ pub struct MpiComm {
     /// and then reused: no allocation per call once warm.
     scratch_f32: RefCell<Vec<f32>>,
     scratch_f64: RefCell<Vec<f64>>,
+    all_reduce: AllReduce,
     // Declared last: dropped (MPI_Finalize) after the communicator.
     _universe: mpi::environment::Universe,
 }
@@ -46,7 +63,21 @@ impl MpiComm {
         let universe = mpi::initialize().ok_or_else(|| CommError::Engine("MPI is already initialised in this process".into()))?;
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        Ok(MpiComm { world, rank, size, scratch_f32: RefCell::default(), scratch_f64: RefCell::default(), _universe: universe })
+        Ok(MpiComm {
+            world,
+            rank,
+            size,
+            scratch_f32: RefCell::default(),
+            scratch_f64: RefCell::default(),
+            all_reduce: AllReduce::default(),
+            _universe: universe,
+        })
+    }
+
+    /// The same communicator, summing buffers the way `how` says.
+    pub fn with_all_reduce(mut self, how: AllReduce) -> Self {
+        self.all_reduce = how;
+        self
     }
 
     /// Ends every rank of the job with exit status `code` (`MPI_Abort`).
@@ -86,9 +117,15 @@ macro_rules! all_reduce_typed {
         if p == 1 || n == 0 {
             return Ok(());
         }
+        let mut scratch = $self.$scratch.borrow_mut();
+        if $self.all_reduce == AllReduce::Native {
+            let s = grown(&mut scratch, n);
+            $self.world.all_reduce_into(&*$buf, &mut *s, SystemOperation::sum());
+            $buf.copy_from_slice(s);
+            return Ok(());
+        }
         let block = n / p;
         let even = block * p;
-        let mut scratch = $self.$scratch.borrow_mut();
         if block > 0 {
             let s = grown(&mut scratch, block);
             $self.world.reduce_scatter_block_into(&$buf[..even], &mut *s, SystemOperation::sum());

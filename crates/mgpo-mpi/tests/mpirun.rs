@@ -1,6 +1,6 @@
 //! Data parallelism against one process: the example data_parallel.rs runs
 //! once without MPI on the whole batch, then under `mpirun -np 2` and
-//! `-np 4` on slices of it. Every rank must end with the same bits, and
+//! `-np 4` on slices of it, with both ways of summing (`AllReduce`). Every rank must end with the same bits, and
 //! those must equal the one-process run within the conformance tolerance of
 //! the dtype (f32 sums reassociate across ranks; f64 ones barely do).
 //!
@@ -48,7 +48,7 @@ fn read_f64(path: &Path) -> Vec<f64> {
 /// Runs the example with `ranks` processes (0: without MPI) and returns its
 /// JSON summary and the tensors of every rank.
 fn run(ranks: usize, name: &str, args: &[&str]) -> (serde_json::Value, Vec<Vec<f64>>) {
-    let out = out_file(&format!("{name}-{ranks}"));
+    let out = out_file(&format!("{}-{ranks}", name.replace([' ', '(', ')'], "")));
     let mut cmd = if ranks == 0 {
         let mut c = Command::new(example());
         c.arg("--single");
@@ -73,13 +73,15 @@ fn run(ranks: usize, name: &str, args: &[&str]) -> (serde_json::Value, Vec<Vec<f
 
 /// Runs one configuration on 1 process, 2 and 4 ranks and checks the
 /// guarantees; returns the largest difference from the one-process run.
-fn check(name: &str, args: &[&str], rtol: f64, atol: f64) -> f64 {
+fn check(name: &str, args: &[&str], rtol: f64, atol: f64, all_reduce: &[&str]) -> f64 {
     let (single, reference) = run(0, name, args);
     assert_eq!(single["ranks"], 1);
     let reference = &reference[0];
     let mut worst: f64 = 0.0;
-    for ranks in [2, 4] {
-        let (summary, per_rank) = run(ranks, name, args);
+    for (ranks, how) in [2, 4].into_iter().flat_map(|r| all_reduce.iter().map(move |h| (r, *h))) {
+        let name = &format!("{name} ({how})");
+        let args: Vec<&str> = args.iter().copied().chain(["--all-reduce", how]).collect();
+        let (summary, per_rank) = run(ranks, name, &args);
         assert_eq!(summary["ranks"], ranks);
         assert_eq!(per_rank.len(), ranks);
         for (r, tensors) in per_rank.iter().enumerate() {
@@ -100,7 +102,7 @@ fn check(name: &str, args: &[&str], rtol: f64, atol: f64) -> f64 {
     // The runs moved the parameters: a comparison of untrained networks would prove nothing.
     let (first, last) = (single["loss_first"].as_f64().unwrap(), single["loss_last"].as_f64().unwrap());
     assert!(last < first, "{name}: loss {first} -> {last} did not fall");
-    eprintln!("{name}: largest difference from one process {worst:e}");
+    eprintln!("{name}: largest difference from one process {worst:e} ({all_reduce:?})");
     worst
 }
 
@@ -108,7 +110,7 @@ fn check(name: &str, args: &[&str], rtol: f64, atol: f64) -> f64 {
 /// demo network's shapes; the f32 tolerance of the conformance suite.
 #[test]
 fn f32_adapter_space_matches_one_process() {
-    check("f32-paper", &["--dtype", "f32", "--preset", "paper-nlu", "--steps", "15", "--batch", "64"], 2e-3, 2e-5);
+    check("f32-paper", &["--dtype", "f32", "--preset", "paper-nlu", "--steps", "15", "--batch", "64"], 2e-3, 2e-5, &["native", "scatter-gather"]);
 }
 
 /// The authors' trainer (weight space with W0 perturbed in place,
@@ -116,14 +118,14 @@ fn f32_adapter_space_matches_one_process() {
 /// ranks split 8, 8, 7, 7; the f64 tolerance of the conformance suite.
 #[test]
 fn f64_weight_space_with_uneven_slices_matches_one_process() {
-    check("f64-trainer", &["--dtype", "f64", "--preset", "trainer-nlu", "--steps", "15", "--batch", "30"], 1e-8, 1e-10);
+    check("f64-trainer", &["--dtype", "f64", "--preset", "trainer-nlu", "--steps", "15", "--batch", "30"], 1e-8, 1e-10, &["native", "scatter-gather"]);
 }
 
 /// The two settings in the other dtype each.
 #[test]
 fn f64_adapter_space_and_f32_weight_space_match_one_process() {
-    check("f64-paper", &["--dtype", "f64", "--preset", "paper-nlu", "--steps", "15", "--batch", "64"], 1e-8, 1e-10);
-    check("f32-trainer", &["--dtype", "f32", "--preset", "trainer-nlu", "--steps", "15", "--batch", "30"], 2e-3, 2e-5);
+    check("f64-paper", &["--dtype", "f64", "--preset", "paper-nlu", "--steps", "15", "--batch", "64"], 1e-8, 1e-10, &["native"]);
+    check("f32-trainer", &["--dtype", "f32", "--preset", "trainer-nlu", "--steps", "15", "--batch", "30"], 2e-3, 2e-5, &["native"]);
 }
 
 /// Full fine-tuning (plain tensors, no adapter) with buckets of 1000
@@ -131,7 +133,7 @@ fn f64_adapter_space_and_f32_weight_space_match_one_process() {
 #[test]
 fn f32_small_buckets_straddling_tensors_match_one_process() {
     let args = ["--dtype", "f32", "--rank", "0", "--widths", "16,40,24,5", "--bucket-elems", "1000", "--steps", "10", "--batch", "24"];
-    check("f32-buckets", &args, 2e-3, 2e-5);
+    check("f32-buckets", &args, 2e-3, 2e-5, &["native", "scatter-gather"]);
     let (summary, _) = run(2, "f32-buckets-calls", &args);
     // 16*40 + 40*24 + 24*5 = 1720 elements: two buckets a step.
     assert_eq!(summary["calls_per_step"], 2.0);
