@@ -9,7 +9,9 @@ a markdown table of the medians (the row shown is the run with the median
 step time); `--json-out` keeps every run's summary. Each step is timed in
 phases: compute (forward + backward on the rank's slice), wait (a barrier:
 the time until the slowest rank is done), all-reduce (the bucketed
-gradient sum), optimizer (perturb + step).
+gradient sum), optimizer (perturb + step). "rank 0 CPU share" is rank 0's
+CPU time over its wall time in the timed steps: 1.00 when it had a core to
+itself, less when other processes (or other ranks) took turns on it.
 
     cargo build --release -p mgpo-mpi --features example
     python3 tools/bench_mpi.py --runs 3 --json-out benches/results/mpi.json
@@ -26,7 +28,7 @@ import sys
 
 CASES = {
     # The demo's network (64 -> 128 -> 128 -> 10), LoRA r = 8 on every layer: 4,688 trainable parameters.
-    "demo": dict(args=["--widths", "64,128,128,10", "--rank", "8", "--steps", "60", "--warmup", "10"], per_rank_batch=64),
+    "demo": dict(args=["--widths", "64,128,128,10", "--rank", "8", "--steps", "300", "--warmup", "20"], per_rank_batch=64),
     # Every weight trained in full (plain tensors): 64*2224 + 2*2224^2 + 2224*10 = 10,056,928 parameters.
     "1e7": dict(args=["--widths", "64,2224,2224,2224,10", "--rank", "0", "--steps", "12", "--warmup", "2"], per_rank_batch=32),
 }
@@ -54,8 +56,8 @@ def run(exe, case, ranks, how):
 
 
 def table(results):
-    rows = ["| case | all-reduce | ranks | global batch | step ms | compute ms | wait ms | all-reduce ms | optimizer ms | payload MB/step | sent MB/rank/step | calls/step | samples/s | efficiency T1/TN | vs min(N, 2 cores) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| case | all-reduce | ranks | global batch | step ms | compute ms | wait ms | all-reduce ms | optimizer ms | payload MB/step | sent MB/rank/step | calls/step | samples/s | efficiency T1/TN | vs min(N, 2 cores) | rank 0 CPU share |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case, how in sorted({(c, h) for (c, h, _) in results}, key=lambda k: (list(CASES).index(k[0]), k[1])):
         pts = {r: v for (c, h, r), v in results.items() if (c, h) == (case, how)}
         if 1 not in pts:
@@ -69,7 +71,7 @@ def table(results):
             rows.append(
                 f"| {case} ({s['trainable_params']:,} params) | {how} | {r} | {s['global_batch']} | {med[r]:.2f} | {s['compute_ms']:.2f} | {s['wait_ms']:.2f} | {s['comm_ms']:.2f} | "
                 f"{s['optimizer_ms']:.2f} | {s['payload_bytes_per_step'] / 1e6:.3f} | {s['sent_bytes_per_rank_per_step'] / 1e6:.3f} | "
-                f"{s['calls_per_step']:.0f} | {s['samples_per_s']:.0f} | {eff:.0%} | {eff * r / ideal:.0%} |")
+                f"{s['calls_per_step']:.0f} | {s['samples_per_s']:.0f} | {eff:.0%} | {eff * r / ideal:.0%} | {s['cpu_share_rank0'] or 0:.2f} |")
     return "\n".join(rows)
 
 
@@ -100,7 +102,7 @@ def main():
                     s["case"], s["all_reduce"] = case, how
                     s["loadavg_1min"] = os.getloadavg()[0]
                     results.setdefault((case, how, ranks), []).append(s)
-                    print(f"{case} {how} np={ranks}: step {s['step_ms']:.2f} ms (compute {s['compute_ms']:.2f}, wait {s['wait_ms']:.2f}, all-reduce {s['comm_ms']:.2f}, load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+                    print(f"{case} {how} np={ranks}: step {s['step_ms']:.2f} ms (compute {s['compute_ms']:.2f}, wait {s['wait_ms']:.2f}, all-reduce {s['comm_ms']:.2f}, rank 0 CPU share {s['cpu_share_rank0'] or 0:.2f}, load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump({"machine": os.uname().nodename, "cpus": os.cpu_count(), "loadavg_after": os.getloadavg(),

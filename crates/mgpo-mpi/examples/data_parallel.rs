@@ -306,6 +306,15 @@ impl<F: Element> Net<F> {
     }
 }
 
+/// CPU time of this process so far (user + system) in milliseconds, from
+/// /proc/self/stat (Linux; clock ticks of 1/100 s); `None` elsewhere.
+fn cpu_ms() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks * 10.0)
+}
+
 /// Summed phase times of the timed steps, in milliseconds.
 #[derive(Default)]
 struct Clock {
@@ -330,9 +339,11 @@ fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
     let mut losses = Vec::new();
     let mut clock = Clock::default();
     let mut stats_after_warmup = dp.stats();
+    let mut cpu_after_warmup = None;
     for step in 0..args.steps {
         if step == args.warmup {
             stats_after_warmup = dp.stats();
+            cpu_after_warmup = cpu_ms();
         }
         let t0 = Instant::now();
         optimizer::perturb(&mut opt, &mut params, &mut frozen)?;
@@ -371,6 +382,7 @@ fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
         }
     }
 
+    let cpu_share = cpu_after_warmup.zip(cpu_ms()).map(|(a, b)| (b - a) / clock.total);
     // Every rank's final tensors, gathered on every rank, compared on rank 0.
     let mine: Vec<f64> = params.iter().chain(&frozen).flat_map(|t| t.iter().map(|v| v.to_f64().unwrap_or(f64::NAN))).collect();
     let mut all = vec![0.0; mine.len() * size];
@@ -410,6 +422,7 @@ fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
             "payload_bytes_per_step": timed as f64 / steps,
             "calls_per_step": calls as f64 / steps,
             "sent_bytes_per_rank_per_step": timed as f64 / steps * 2.0 * (size - 1) as f64 / size as f64,
+            "cpu_share_rank0": cpu_share,
             "samples_per_s": args.batch as f64 / (clock.total / steps / 1e3),
         });
         println!("{summary}");
