@@ -4,12 +4,13 @@
 //! `all_reduce_sum` runs one of two ways ([`AllReduce`]): `MPI_Allreduce`
 //! (the default), or a reduce-scatter followed by an all-gather, in which
 //! each element's sum is computed on one rank and copied to the others.
-//! Both give every rank the same bits with Open MPI and MPICH, whose
-//! all-reduce algorithms (reduce + broadcast, recursive doubling, ring,
-//! Rabenseifner) either compute each sum once or have both partners of a
-//! pair add the same two values, and IEEE addition is commutative; but the
-//! MPI standard only recommends that ranks agree, while the scatter-gather
-//! form agrees by construction, at a price (docs/distributed.md).
+//! Both give every rank the same bits with Open MPI 4.1, whose all-reduce
+//! algorithms (basic linear, reduce + broadcast, recursive doubling, ring,
+//! segmented ring, Rabenseifner) either compute each sum once and copy it
+//! or have both partners of a pair add the same two values, and IEEE
+//! addition is commutative; but the MPI standard only recommends that
+//! ranks agree, while the scatter-gather form agrees by construction, at a
+//! price (docs/distributed.md).
 
 use std::cell::RefCell;
 
