@@ -1,11 +1,11 @@
 //! Data-parallel LoRA-MGPO fine-tuning of an MLP on ndarray, over MPI.
 //!
-//! Every rank builds the same network (frozen base weights, a LoRA adapter
-//! on every linear layer) and the same optimizer, takes its share of each
-//! global batch, computes the gradient of (sum of its examples' losses) /
-//! (global batch size) by hand-written backpropagation, and sums the
-//! gradients across ranks in buckets; every rank then takes the same MGPO
-//! step. The data are synthetic (a fixed random teacher labels uniform
+//! Every rank builds the network (frozen base weights, a LoRA adapter on
+//! every linear layer) and the optimizer, starts from rank 0's parameters
+//! (broadcast), takes its share of each global batch, computes the gradient
+//! of (sum of its examples' losses) / (global batch size) by hand-written
+//! backpropagation, and sums the gradients across ranks in buckets; every
+//! rank then takes the same MGPO step. The data are synthetic (a fixed random teacher labels uniform
 //! inputs), generated from the example index, so every process count sees
 //! the same global batches.
 //!
@@ -25,10 +25,11 @@
 //! before the gradient all-reduce, to time apart the wait for the slowest
 //! rank and the transfer), `--fail-rank R` (rank R fails in its second
 //! step, as a failing forward pass would: the job must end, not hang),
-//! `--all-reduce native|scatter-gather` (mgpo_mpi::AllReduce), `--out FILE` (rank 0 writes
-//! every rank's final tensors there: for each rank, its trainable tensors
-//! then its base weights, as little-endian f64). Rank 0 prints one JSON line
-//! with the losses, the timings and the bytes communicated.
+//! `--all-reduce native|scatter-gather` (mgpo_mpi::AllReduce), `--out FILE`
+//! (rank 0 writes every rank's final tensors there: for each rank, its
+//! trainable tensors then its base weights, as little-endian f64). Rank 0
+//! prints one JSON line with the losses, the timings and the bytes
+//! communicated.
 
 use std::error::Error;
 use std::time::Instant;
@@ -212,8 +213,11 @@ impl<F: Element> Net<F> {
     }
 
     /// The network, its trainable tensors, its frozen base weights and the
-    /// optimizer's layout (W0 registered when the preset perturbs in weight space).
-    fn new(widths: &[usize], rank: usize, space: Space) -> Res<Built<F>> {
+    /// optimizer's layout (W0 registered when the preset perturbs in weight
+    /// space). The adapters are drawn from `init_seed`, as a program whose
+    /// ranks seed their generators differently would; the base weights are
+    /// the same everywhere, as if loaded from one checkpoint.
+    fn new(widths: &[usize], rank: usize, space: Space, init_seed: u64) -> Res<Built<F>> {
         let mut layout = Layout::builder();
         let (mut params, mut frozen, mut bias) = (Vec::new(), Vec::new(), Vec::new());
         for l in 0..widths.len() - 1 {
@@ -223,8 +227,8 @@ impl<F: Element> Net<F> {
             bias.push(filled::<F>(&[out], 200 + l as u64, bound).into_dimensionality()?);
             let name = format!("fc{}", l + 1);
             if rank > 0 {
-                params.push(filled::<F>(&[rank, inp], 300 + l as u64, bound));
-                params.push(filled::<F>(&[out, rank], 400 + l as u64, 0.02));
+                params.push(filled::<F>(&[rank, inp], init_seed + 300 + l as u64, bound));
+                params.push(filled::<F>(&[out, rank], init_seed + 400 + l as u64, 0.02));
                 frozen.push(w0);
                 layout = layout.adapter(&name, ALPHA, &[rank, inp], &[out, rank], space == Space::Weight);
             } else {
@@ -329,16 +333,20 @@ struct Clock {
 fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
     let (rank, size) = (comm.rank(), comm.size());
     let config = Config::preset(&args.preset, args.lr).ok_or_else(|| format!("unknown preset {}; known: {:?}", args.preset, Config::PRESETS))?;
-    let (net, mut params, mut frozen, layout) = Net::<F>::new(&args.widths, args.rank, config.space)?;
+    let (net, mut params, mut frozen, layout) = Net::<F>::new(&args.widths, args.rank, config.space, 1000 * rank as u64)?;
     let n_params = layout.num_params();
     let mut opt = optimizer::build::<F>(config, layout)?;
     let mut grads: Vec<ArrayD<F>> = params.iter().map(|p| ArrayD::zeros(p.raw_dim())).collect();
     let mut dp = DataParallel::<_, F>::new(&comm, args.bucket_elems)?;
+    // The ranks drew different adapters: start them all from rank 0's.
+    dp.broadcast(&mut params, 0)?;
+    dp.broadcast(&mut frozen, 0)?;
+    let broadcast_stats = dp.stats();
     let data = Data::new(args.widths[0], *args.widths.last().unwrap_or(&1));
 
     let mut losses = Vec::new();
     let mut clock = Clock::default();
-    let mut stats_after_warmup = dp.stats();
+    let mut stats_after_warmup = broadcast_stats;
     let mut cpu_after_warmup = None;
     for step in 0..args.steps {
         if step == args.warmup {

@@ -1,6 +1,7 @@
 //! Data parallelism against one process: the example data_parallel.rs runs
 //! once without MPI on the whole batch, then under `mpirun -np 2` and
-//! `-np 4` on slices of it, with both ways of summing (`AllReduce`). Every rank must end with the same bits, and
+//! `-np 4` on slices of it, with both ways of summing (`AllReduce`). The
+//! ranks draw different adapters and start from rank 0's by broadcast. Every rank must end with the same bits, and
 //! those must equal the one-process run within the conformance tolerance of
 //! the dtype (f32 sums reassociate across ranks; f64 ones barely do).
 //!
