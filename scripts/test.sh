@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, every backend included, on a fresh machine:
-# installs libtorch for the tch backend, runs every crate's tests, runs the
+# installs libtorch for the tch backend and Open MPI for mgpo-mpi, runs
+# every crate's tests (mgpo-mpi's start mpirun themselves), runs the
 # conformance vectors on every backend through the CLI, and re-checks the
 # float64 vector generator against every vector (the copies of the original
 # example set included) and torch.
@@ -10,6 +11,8 @@ vectors=crates/mgpo-conformance/vectors
 
 # shellcheck source=scripts/setup-libtorch.sh
 source scripts/setup-libtorch.sh
+# Open MPI and libclang for mgpo-mpi's `mpi` feature and its mpirun tests.
+bash scripts/setup-mpi.sh
 
 # Property tests explore new cases on every developer run; CI replays a fixed seed.
 export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-20261130}"
