@@ -86,7 +86,7 @@ pub fn train(config: Config, steps: u64, verbose: bool) -> Result<Outcome, Box<d
 
     let cfg = LoraConfig::new(4, 8.0);
     let mut model = Mlp { fc1: LoraLinear::new(frozen_linear(w1), &cfg)?, fc2: LoraLinear::new(frozen_linear(w2), &cfg)? };
-    let w0_before: Vec<Vec<f32>> = [&model.fc1, &model.fc2].iter().map(|l| l.base.weight.val().to_data().to_vec::<f32>()).collect::<Result<_, _>>()?;
+    let w0_before: Vec<Vec<f32>> = [&model.fc1, &model.fc2].iter().map(|l| l.base.weight.val().try_to_vec_as::<f32>()).collect::<Result<_, _>>()?;
 
     let mut opt = MgpoOptimizer::builder(config).loras([&model.fc1, &model.fc2]).build(&model)?;
     let schedule = WarmupCosine::paper(lr, steps);
@@ -114,7 +114,7 @@ pub fn train(config: Config, steps: u64, verbose: bool) -> Result<Outcome, Box<d
     // Evaluation at the clean point; the merged model computes the same,
     // and W0 was never written.
     let final_loss = eval(&model);
-    let w0_after: Vec<Vec<f32>> = [&model.fc1, &model.fc2].iter().map(|l| l.base.weight.val().to_data().to_vec::<f32>()).collect::<Result<_, _>>()?;
+    let w0_after: Vec<Vec<f32>> = [&model.fc1, &model.fc2].iter().map(|l| l.base.weight.val().try_to_vec_as::<f32>()).collect::<Result<_, _>>()?;
     let mut merged = model.clone();
     merged.fc1.merge();
     merged.fc2.merge();

@@ -14,7 +14,7 @@ fn device() -> Device {
 }
 
 fn host(t: Tensor<2>) -> Vec<f64> {
-    t.to_data().convert::<f64>().to_vec::<f64>().unwrap()
+    t.try_to_vec_as::<f64>().unwrap()
 }
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {

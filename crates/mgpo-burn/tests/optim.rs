@@ -2,6 +2,10 @@
 //! module path, checkpoints moving between burn and mgpo-ndarray in both
 //! directions, in-place updates, and errors that leave the module clean.
 
+// The in-place test reads the address of ndarray tensors, a backend burn
+// 0.22 deprecates in favour of burn-flex.
+#![allow(deprecated)]
+
 use burn::backend::NdArray;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::{Linear, LinearConfig};
@@ -59,7 +63,7 @@ fn values(m: &impl Module, ids: &[ParamId]) -> Vec<Vec<f64>> {
     impl ModuleVisitor for V<'_> {
         fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
             if let Some(i) = self.0.iter().position(|&id| id == p.id) {
-                self.1[i] = Some(p.val().to_data().convert::<f64>().to_vec::<f64>().unwrap());
+                self.1[i] = Some(p.val().try_to_vec_as::<f64>().unwrap());
             }
         }
     }
@@ -130,6 +134,11 @@ fn nd_step(opt: &mut mgpo_ndarray::Mgpo<f64>, p: &mut Vec<ArrayD<f64>>, step: us
 
 fn nd_params(opt: &MgpoOptimizer, vals: &[Vec<f64>]) -> Vec<ArrayD<f64>> {
     opt.layout().tensors().iter().zip(vals).map(|(t, v)| ArrayD::from_shape_vec(IxDyn(&t.shape), v.clone()).unwrap()).collect()
+}
+
+/// Largest absolute difference of two tensor lists.
+fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
 }
 
 fn bits(v: &[Vec<f64>]) -> Vec<u64> {
@@ -261,12 +270,13 @@ fn a_missing_gradient_leaves_the_module_clean() {
     let mut m = burn_step(&mut opt, m, 0);
     let clean = values(&m, &ids);
     m = opt.perturb(m).unwrap();
-    assert_ne!(bits(&values(&m, &ids)), bits(&clean));
+    assert!(max_diff(&values(&m, &ids), &clean) > 1e-4, "not perturbed");
     let mut g = grads_for(&m, &ids, 1);
     g.remove::<1>(m.head.bias.as_ref().unwrap().id);
     let f = opt.step(1e-2, m, g).unwrap_err();
     assert!(matches!(f.error, MgpoError::MissingGradient(ref n) if n == "head.bias"), "{}", f.error);
-    assert_eq!(bits(&values(&f.module, &ids)), bits(&clean));
+    // Clean again: p + c m - c m, within the rounding of that subtraction.
+    assert!(max_diff(&values(&f.module, &ids), &clean) < 1e-15);
     assert!(!opt.is_perturbed());
     assert_eq!(opt.state().step, 1);
 
@@ -275,7 +285,7 @@ fn a_missing_gradient_leaves_the_module_clean() {
     let g = grads_for(&m, &ids, 1);
     let f = opt.step(-1.0, m, g).unwrap_err();
     assert!(matches!(f.error, MgpoError::InvalidConfig { .. }), "{}", f.error);
-    assert_eq!(bits(&values(&f.module, &ids)), bits(&clean));
+    assert!(max_diff(&values(&f.module, &ids), &clean) < 1e-15);
     assert!(!opt.is_perturbed());
 }
 
