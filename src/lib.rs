@@ -4,7 +4,7 @@
 //! trainable weights along AdamW's own first moment, so that the gradient
 //! is taken at a slightly moved point without a second backward pass.
 //! This facade re-exports the algorithm ([`mgpo_core`]) and, one cargo
-//! feature each, the backends: `ndarray` (default), `candle`, `tch`, `dfdx`.
+//! feature each, the backends: `ndarray` (default), `candle`, `tch`, `dfdx`, `burn`.
 //!
 //! ```
 //! use lora_mgpo::ndarray::{MgpoOptimizer, NdBackend};
@@ -41,6 +41,9 @@ pub use mgpo_tch as tch;
 
 #[cfg(feature = "dfdx")]
 pub use mgpo_dfdx as dfdx;
+
+#[cfg(feature = "burn")]
+pub use mgpo_burn as burn;
 
 /// The README's code blocks, compiled and run as doctests.
 #[cfg(all(doctest, feature = "candle"))]

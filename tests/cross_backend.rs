@@ -29,6 +29,11 @@ macro_rules! each_backend {
             let $b = ("tch", lora_mgpo::tch::$ctor());
             $body;
         }
+        #[cfg(feature = "burn")]
+        {
+            let $b = ("burn", lora_mgpo::burn::$ctor());
+            $body;
+        }
     }};
 }
 

@@ -20,6 +20,8 @@
 //! the peer's) once, for a fixed number of calls; statistics are over all
 //! rounds, so slow drifts of a shared machine hit both sides alike.
 
+#[cfg(feature = "burn")]
+pub mod burn_module;
 pub mod e2e;
 pub mod memory;
 pub mod peer;
@@ -55,6 +57,9 @@ pub fn compiled_backends() -> Vec<&'static str> {
     }
     if cfg!(feature = "dfdx") {
         v.push("dfdx");
+    }
+    if cfg!(feature = "burn") {
+        v.push("burn");
     }
     v
 }
@@ -337,6 +342,11 @@ macro_rules! with_backend {
                 let $be = mgpo_dfdx::cpu_f32;
                 $body
             }
+            #[cfg(feature = "burn")]
+            "burn" => {
+                let $be = mgpo_burn::cpu_f32;
+                $body
+            }
             other => Err(format!("backend {other:?} is not compiled in (compiled: {})", compiled_backends().join(", "))),
         }
     };
@@ -386,6 +396,17 @@ fn steps_section(opts: &Options, peer: Option<&SharedPeer>, rows: &mut Vec<Row>,
                 let mut k = KernelBench::new(shape)?;
                 let mut it = Item::new("steps", "ndarray", variant, shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || k.run(batched))));
                 it.bytes_per_param = Some(28.0);
+                items.push(it);
+            }
+        }
+        // burn's own AdamW and mgpo-burn's module optimizer on one module
+        // of the same tensors (the MGPO / AdamW ratio against burn's AdamW).
+        #[cfg(feature = "burn")]
+        if opts.backends.iter().any(|b| b == "burn") {
+            for v in burn_module::VARIANTS {
+                let mut b = burn_module::ModuleBench::new(shape, v)?;
+                let mut it = Item::new("steps", "burn", v, shape.params(), shape.describe(), Box::new(move |reps| timing::sample(reps, || b.step())));
+                it.bytes_per_param = Some(if v == "module-mgpo-adapter" { 44.0 } else { 28.0 });
                 items.push(it);
             }
         }

@@ -71,8 +71,17 @@ pub fn targets(r: &Report, opts: &Options) -> Vec<Target> {
                 }
             }
         }
+        if let (Some(m), Some(a)) = (find(r, "steps", "burn", "module-mgpo-adapter", Some(n)), find(r, "steps", "burn", "burn-optim-adamw", Some(n))) {
+            out.push(target(
+                format!("burn: module MGPO adapter step / burn-optim AdamW step, {n} params"),
+                med(m) / med(a),
+                "<=",
+                1.5,
+                format!("{:.3} ms vs {:.3} ms (same module, same gradients)", med(m) * 1e3, med(a) * 1e3),
+            ));
+        }
         if let Some(nd) = ours {
-            for b in ["candle", "tch", "dfdx"] {
+            for b in ["candle", "tch", "dfdx", "burn"] {
                 if let Some(m) = find(r, "steps", b, "mgpo-adapter", Some(n)) {
                     out.push(target(format!("{b} MGPO adapter step / ndarray's, {n} params"), med(m) / med(nd), "<=", 2.0, format!("{:.3} ms vs {:.3} ms", med(m) * 1e3, med(nd) * 1e3)));
                 }

@@ -30,6 +30,11 @@ fn backends() -> Vec<(&'static str, Dtype, Runner)> {
         v.push(("dfdx", Dtype::F32, Box::new(|d: &Path| run_dir(&mgpo_dfdx::cpu_f32(), d))));
         v.push(("dfdx", Dtype::F64, Box::new(|d: &Path| run_dir(&mgpo_dfdx::cpu_f64(), d))));
     }
+    #[cfg(feature = "burn")]
+    {
+        v.push(("burn", Dtype::F32, Box::new(|d: &Path| run_dir(&mgpo_burn::cpu_f32(), d))));
+        v.push(("burn", Dtype::F64, Box::new(|d: &Path| run_dir(&mgpo_burn::cpu_f64(), d))));
+    }
     v
 }
 
