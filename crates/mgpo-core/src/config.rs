@@ -56,9 +56,11 @@ pub enum Perturbation {
     /// Along AdamW's first moment: LoRA-MGPO.
     #[default]
     Momentum,
-    /// Along fresh Gaussian noise of the same norm, rho k (the paper's
-    /// Table 4 ablation; adapter space only). The noise of step t is a pure
-    /// function of (seed, t, tensor), so runs are reproducible.
+    /// Along fresh Gaussian noise of the same norm, rho k: the paper's
+    /// Table 4 ablation in adapter space, and in weight space a full-rank
+    /// noise matrix added to each W0 (which must then be registered in
+    /// place). The noise of step t is a pure function of (seed, t, tensor),
+    /// so runs are reproducible.
     Gaussian {
         /// The seed of the noise stream.
         seed: u64,
@@ -220,13 +222,6 @@ impl Config {
         }
         if let Some(c) = self.max_grad_norm {
             check(c > 0.0 && !c.is_nan(), "max_grad_norm", c, "must be > 0")?;
-        }
-        if matches!(self.perturbation, Perturbation::Gaussian { .. }) && self.space != Space::Adapter {
-            return Err(crate::MgpoError::InvalidConfig {
-                field: "perturbation",
-                value: "gaussian".into(),
-                reason: "the Gaussian direction is defined in adapter space only",
-            });
         }
         validate_lr(self.adamw.lr)?;
         let a = &self.adamw;

@@ -139,6 +139,13 @@ impl<B: TensorOps> Mgpo<B> {
     /// An optimizer for the tensors of `layout`, computing on `backend`.
     pub fn new(backend: B, config: Config, layout: Layout) -> Result<Self> {
         config.validate()?;
+        let gaussian = matches!(config.perturbation, Perturbation::Gaussian { .. });
+        if let Some(ad) = layout.adapters.iter().find(|ad| gaussian && config.space == Space::Weight && ad.w0.is_none()) {
+            return Err(MgpoError::AdapterShape {
+                name: ad.name.clone(),
+                detail: "the Gaussian direction in weight space is a full-rank matrix added to W0: register the adapter with its W0".into(),
+            });
+        }
         let groups = make_groups(&config, &layout);
         let mut group_of = vec![None; layout.tensors.len()];
         if config.space == Space::Adapter {
@@ -304,7 +311,8 @@ impl<B: TensorOps> Mgpo<B> {
         let ap = self.applied.as_ref()?;
         let ad = self.layout.adapters.get(adapter)?;
         let coef = *ap.coef.get(adapter)?;
-        (self.config.space == Space::Weight && coef != 0.0).then(|| WeightPerturbation {
+        let factored = self.config.space == Space::Weight && self.config.perturbation == Perturbation::Momentum && ad.w0.is_none();
+        (factored && coef != 0.0).then(|| WeightPerturbation {
             coef,
             m_b: &self.state.moments[ad.b].m,
             m_a: &self.state.moments[ad.a].m,
@@ -411,7 +419,14 @@ impl<B: TensorOps> Mgpo<B> {
                     .map(|&t| noise::sum_sq(noise::tensor_seed(seed, self.state.step + 1, t), self.layout.tensors[t].shape.iter().product()))
                     .sum::<f64>()
                     .sqrt(),
-                (Space::Weight, _) => {
+                (Space::Weight, Perturbation::Gaussian { seed }) => g
+                    .members
+                    .iter()
+                    .filter_map(|&i| self.layout.adapters[i].w0)
+                    .map(|w| noise::sum_sq(noise::tensor_seed(seed, self.state.step + 1, w), self.layout.frozen[w].shape.iter().product()))
+                    .sum::<f64>()
+                    .sqrt(),
+                (Space::Weight, Perturbation::Momentum) => {
                     let mut s = 0.0;
                     for &i in &g.members {
                         let ad = &self.layout.adapters[i];
@@ -439,8 +454,10 @@ impl<B: TensorOps> Mgpo<B> {
             match cfg.space {
                 Space::Adapter => ap.coef[gi] = c,
                 Space::Weight => {
+                    // D_i = s_i (m_B A + B m_A) carries the scaling; the noise does not.
+                    let gaussian = matches!(cfg.perturbation, Perturbation::Gaussian { .. });
                     for &i in &g.members {
-                        ap.coef[i] = c * self.layout.adapters[i].scale;
+                        ap.coef[i] = if gaussian { c } else { c * self.layout.adapters[i].scale };
                     }
                 }
             }
@@ -486,7 +503,10 @@ impl<B: TensorOps> Mgpo<B> {
                     if let (Some(w), true) = (ad.w0, c != 0.0) {
                         let mut all = tensors.tensors_mut();
                         let (params, frozen) = all.split_at_mut(n);
-                        self.backend.add_low_rank(frozen[w], c, &ms[ad.b].m, params[ad.a], params[ad.b], &ms[ad.a].m)?;
+                        match self.config.perturbation {
+                            Perturbation::Momentum => self.backend.add_low_rank(frozen[w], c, &ms[ad.b].m, params[ad.a], params[ad.b], &ms[ad.a].m)?,
+                            Perturbation::Gaussian { seed } => self.backend.axpy_noise(frozen[w], c, noise::tensor_seed(seed, self.state.step + 1, w))?,
+                        }
                     }
                 }
             }
