@@ -3,8 +3,10 @@
 //! base weight never changes; and its refusals, each a typed error that
 //! leaves the model clean.
 
-use dfdx::nn::modules::{Linear, ReLU};
-use dfdx::nn::{BuildModule, Module, ZeroGrads};
+mod common;
+
+use common::{net, Net, HID, IN, OUT};
+use dfdx::nn::{Module, ZeroGrads};
 use dfdx::optim::{Optimizer, OptimizerUpdateError};
 use dfdx::prelude::*;
 use mgpo_core::{Config, Direction, LoraConfig, MgpoError, Scope, Space};
@@ -12,18 +14,7 @@ use mgpo_dfdx::{LoraLinear, MgpoOptimizer};
 use mgpo_ndarray::NdBackend;
 use ndarray::{ArrayD, IxDyn};
 
-const IN: usize = 5;
-const HID: usize = 4;
-const OUT: usize = 3;
 const BATCH: usize = 6;
-type Net = (LoraLinear<IN, HID, 2, f64, Cpu>, ReLU, Linear<HID, OUT, f64, Cpu>);
-
-fn net(dev: &Cpu) -> Net {
-    let mut m = Net::build(dev);
-    m.0.set_config(LoraConfig::new(2, 3.0)).unwrap(); // s = 1.5
-    m.0.lora_b = dev.sample_normal::<Rank2<HID, 2>>() * 0.3;
-    m
-}
 
 fn nd<S: Shape>(t: &Tensor<S, f64, Cpu>) -> ArrayD<f64> {
     let shape: Vec<usize> = t.shape().concrete().into();
@@ -166,22 +157,25 @@ fn weight_space_global_ascent_matches_core_on_ndarray() {
     matches_core(config(Space::Weight, Scope::Global, Direction::Ascent));
 }
 
-/// One clean step so that the next perturbation is not zero; returns the model's clean trainables.
-fn warm_up(opt: &mut MgpoOptimizer<Net, f64>, model: &mut Net, x: &Tensor<Rank2<BATCH, IN>, f64, Cpu>) -> Vec<(String, ArrayD<f64>)> {
+/// A model (from a device seeded with `seed`) and its optimizer in adapter
+/// space after one clean step, so that the next perturbation is not zero,
+/// then perturbed; with the input and the clean trainables.
+fn perturbed(seed: u64) -> (Net, MgpoOptimizer<Net, f64>, Tensor<Rank2<BATCH, IN>, f64, Cpu>, Vec<(String, ArrayD<f64>)>) {
+    let dev = Cpu::seed_from_u64(seed);
+    let mut model = net(&dev);
+    let mut opt = MgpoOptimizer::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
+    let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
     let grads = model.forward(x.clone().traced(model.alloc_grads())).sum().backward();
-    opt.step(model, &grads).unwrap();
-    trainables(model)
+    opt.step(&mut model, &grads).unwrap();
+    let clean = trainables(&model);
+    opt.perturb(&mut model).unwrap();
+    assert_ne!(trainables(&model), clean, "the perturbation moves the trainables");
+    (model, opt, x, clean)
 }
 
 #[test]
 fn missing_gradient_is_a_typed_error_naming_it_and_leaves_the_model_clean() {
-    let dev = Cpu::seed_from_u64(1);
-    let mut model = net(&dev);
-    let mut opt = MgpoOptimizer::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
-    let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
-    let clean = warm_up(&mut opt, &mut model, &x);
-    opt.perturb(&mut model).unwrap();
-    assert_ne!(trainables(&model), clean);
+    let (mut model, mut opt, x, clean) = perturbed(1);
     // A leaky tape through layer 0 only: the head gets no gradient at all.
     let grads = model.0.forward(x.leaky_trace()).sum().backward();
     assert_eq!(opt.step(&mut model, &grads), Err(MgpoError::MissingGradient("2.weight".into())));
@@ -200,13 +194,7 @@ fn missing_gradient_is_a_typed_error_naming_it_and_leaves_the_model_clean() {
 
 #[test]
 fn non_finite_gradient_skips_and_restores_the_clean_point() {
-    let dev = Cpu::seed_from_u64(2);
-    let mut model = net(&dev);
-    let mut opt = MgpoOptimizer::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
-    let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
-    let clean = warm_up(&mut opt, &mut model, &x);
-    opt.perturb(&mut model).unwrap();
-    assert_ne!(trainables(&model), clean);
+    let (mut model, mut opt, x, clean) = perturbed(2);
     let bad = x.clone() * f64::NAN;
     let grads = model.forward(bad.traced(model.alloc_grads())).sum().backward();
     opt.update(&mut model, &grads).unwrap();
@@ -244,12 +232,7 @@ fn merged_layers_and_changed_scaling_are_refused() {
 
 #[test]
 fn perturb_twice_is_refused_and_unperturb_restores() {
-    let dev = Cpu::seed_from_u64(4);
-    let mut model = net(&dev);
-    let mut opt = MgpoOptimizer::new(&model, config(Space::Adapter, Scope::Global, Direction::Ascent)).unwrap();
-    let x: Tensor<Rank2<BATCH, IN>, f64, Cpu> = dev.sample_normal();
-    let clean = warm_up(&mut opt, &mut model, &x);
-    opt.perturb(&mut model).unwrap();
+    let (mut model, mut opt, _, clean) = perturbed(4);
     assert_eq!(opt.perturb(&mut model), Err(MgpoError::AlreadyPerturbed));
     opt.unperturb(&mut model).unwrap();
     assert_close("unperturbed", &trainables(&model), &clean, 1e-14);

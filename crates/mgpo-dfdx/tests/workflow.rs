@@ -5,25 +5,16 @@
 
 use std::path::PathBuf;
 
-use dfdx::nn::modules::{Linear, ReLU};
-use dfdx::nn::{BuildModule, Module, ModuleVisitor, TensorCollection, ZeroGrads};
+mod common;
+
+use common::{net, Net, IN, OUT};
+use dfdx::nn::{Module, ModuleVisitor, TensorCollection, ZeroGrads};
 use dfdx::prelude::*;
 use mgpo_conformance::Tolerance;
 use mgpo_core::{is_bias_or_norm, CheckpointError, Config, LoraConfig, MgpoError, ParamGroup, WarmupCosine};
 use mgpo_dfdx::{LoraLinear, MgpoOptimizer};
 
-const IN: usize = 5;
-const HID: usize = 4;
-const OUT: usize = 3;
 const N: usize = 8;
-type Net = (LoraLinear<IN, HID, 2, f64, Cpu>, ReLU, Linear<HID, OUT, f64, Cpu>);
-
-fn net(dev: &Cpu) -> Net {
-    let mut m = Net::build(dev);
-    m.0.set_config(LoraConfig::new(2, 3.0)).unwrap();
-    m.0.lora_b = dev.sample_normal::<Rank2<HID, 2>>() * 0.3;
-    m
-}
 
 /// The trainable tensors in layout order.
 fn trainables(m: &Net) -> [Vec<f64>; 4] {
