@@ -1,13 +1,15 @@
 //! `mgpo demo` and `mgpo experiment`: fine-tune the built-in tasks with
-//! plain LoRA and the LoRA-MGPO variants, over ranks, learning rates and
-//! seeds; write per-step CSVs, a summary table and loss plots
-//! (see `mgpo_experiments::sweep` for the files).
+//! plain LoRA (with and without clipping), the LoRA-MGPO variants and their
+//! random-direction controls, over ranks, learning rates and paired seeds;
+//! write per-step CSVs, a summary table, the pre-registered decision rule's
+//! verdicts and plots (see `mgpo_experiments::sweep` for the files).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use mgpo_experiments::run::RunSpec;
+use mgpo_experiments::metrics::MIN_RISE;
 use mgpo_experiments::sweep::{markdown_table, Observer, RunSummary, SweepResult};
 use mgpo_experiments::{backend, run_sweep, Method, SweepSpec};
 
@@ -52,10 +54,10 @@ pub struct ExperimentArgs {
     #[arg(long, default_value = "out/experiment")]
     pub out: PathBuf,
     /// Tasks, comma-separated (digits-rot, teacher).
-    #[arg(long, value_delimiter = ',', default_value = "digits-rot,teacher")]
+    #[arg(long, value_delimiter = ',', default_value = "digits-rot")]
     pub tasks: Vec<String>,
-    /// Methods, comma-separated: lora, mgpo-paper, mgpo-trainer, mgpo-no-apn, lora-random, lora-clip.
-    #[arg(long, value_delimiter = ',', default_value = "lora,mgpo-paper,mgpo-trainer,mgpo-no-apn,lora-random")]
+    /// Methods, comma-separated: lora, lora-clip, mgpo-paper, mgpo-trainer, mgpo-trainer-noclip, mgpo-no-apn, lora-random (adapter-space Gaussian control of mgpo-paper), lora-random-weight (weight-space Gaussian control of mgpo-trainer; candle or tch).
+    #[arg(long, value_delimiter = ',', default_value = "lora,lora-clip,mgpo-paper,mgpo-trainer,mgpo-trainer-noclip,lora-random,lora-random-weight")]
     pub methods: Vec<String>,
     /// LoRA ranks, comma-separated (alpha = r unless --alpha).
     #[arg(long, value_delimiter = ',', default_value = "8,16,32,64,128")]
@@ -63,8 +65,8 @@ pub struct ExperimentArgs {
     /// Peak learning rates, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.003,0.01")]
     pub lrs: Vec<f64>,
-    /// Number of seeds (0, 1, ...).
-    #[arg(long, default_value_t = 3)]
+    /// Number of paired seeds (0, 1, ...): one seed fixes the adapter initialisation and the batch order for every method.
+    #[arg(long, default_value_t = 5)]
     pub seeds: u64,
     #[arg(long, default_value_t = 600)]
     pub steps: u64,
@@ -73,9 +75,12 @@ pub struct ExperimentArgs {
     /// Evaluate the clean model every this many steps.
     #[arg(long, default_value_t = 20)]
     pub eval_every: u64,
-    /// Window of the trailing mean the rebound is measured on.
+    /// Window of the trailing mean the logged-loss rebound is measured on.
     #[arg(long, default_value_t = 20)]
     pub smooth: usize,
+    /// Smallest rebound, as a fraction of the initial loss, for which a run counts as showing the three phases.
+    #[arg(long, default_value_t = MIN_RISE)]
+    pub min_rise: f64,
     /// LoRA alpha for every rank (default: alpha = r, as the paper).
     #[arg(long)]
     pub alpha: Option<f64>,
@@ -95,12 +100,13 @@ fn methods(names: &[String]) -> Result<Vec<Method>, String> {
 }
 
 /// The demo's sweep: the real-data task, a low and a high rank at a high
-/// learning rate, plain LoRA against both MGPO variants.
+/// learning rate, plain LoRA (with and without clipping) against both MGPO
+/// variants.
 pub fn demo_spec(args: &DemoArgs) -> SweepSpec {
     SweepSpec {
         tasks: vec!["digits-rot".into()],
         backend: args.common.backend.clone(),
-        methods: vec![Method::Lora, Method::MgpoPaper, Method::MgpoTrainer],
+        methods: vec![Method::Lora, Method::LoraClip, Method::MgpoPaper, Method::MgpoTrainer],
         ranks: vec![8, 128],
         lrs: vec![0.01],
         seeds: (0..args.seeds).collect(),
@@ -108,6 +114,7 @@ pub fn demo_spec(args: &DemoArgs) -> SweepSpec {
         batch: 32,
         eval_every: 20,
         smooth: 20,
+        min_rise: MIN_RISE,
         task_seed: args.common.task_seed,
         alpha: None,
     }
@@ -125,6 +132,7 @@ pub fn experiment_spec(args: &ExperimentArgs) -> Result<SweepSpec, String> {
         batch: args.batch,
         eval_every: args.eval_every,
         smooth: args.smooth,
+        min_rise: args.min_rise,
         task_seed: args.common.task_seed,
         alpha: args.alpha,
     })
@@ -172,7 +180,7 @@ impl Observer for Bars {
     }
     fn run_finished(&mut self, s: &RunSummary) {
         self.runs.inc(1);
-        self.runs.set_message(format!("last: {} rebound {:.3}", s.spec.label(), s.rebound));
+        self.runs.set_message(format!("last: {} clean rebound {:.3}", s.spec.label(), s.outcome.clean.height));
     }
 }
 
@@ -198,19 +206,25 @@ fn execute(spec: &SweepSpec, out: &Path, common: &Common, command: &str) -> Resu
     bars.runs.finish_and_clear();
     println!("\n{}", markdown_table(&res.rows));
     println!(
-        "rebound = max over t of (smoothed loss at t - lowest smoothed loss before t); smoothing: trailing mean over {} steps.",
-        spec.smooth
+        "rebound = the largest rise after the loss first fell below half its initial value that came back down by half of it; \
+         (k/n) = runs with the three phases (a rebound of at least {} x the initial loss); logged loss smoothed over {} steps, clean loss every {} steps.",
+        spec.min_rise, spec.smooth, spec.eval_every
     );
+    println!("\n{}", res.decision.markdown());
     println!("{total} runs in {:.1}s.", start.elapsed().as_secs_f64());
     println!("table: {}", res.outputs.summary_md.display());
+    println!("decision rule: {}", res.outputs.decision_md.display());
     for p in &res.outputs.plots {
         println!("plot:  {}", p.display());
     }
     println!("per-step data: {} and {}", res.outputs.steps_csv.display(), res.outputs.evals_csv.display());
+    if !res.pairing_errors.is_empty() {
+        return Err(format!("runs of one seed were not paired:\n{}", res.pairing_errors.join("\n")));
+    }
     Ok(res)
 }
 
-/// `mgpo demo`: a small sweep (about two minutes on 2 cores in --release).
+/// `mgpo demo`: a small sweep (about a minute on 2 cores in --release).
 pub fn demo(args: DemoArgs) -> Result<bool, String> {
     if !backend::names().contains(&args.common.backend.as_str()) {
         return Err(format!("backend `{}` is not compiled in; available: {}", args.common.backend, backend::names().join(", ")));

@@ -1,12 +1,13 @@
 //! `mgpo demo` / `mgpo experiment` and the library behind them: the
-//! rebound metric, the sweep's files, determinism, and agreement between
-//! backends on the first steps.
+//! rebound metric, the sweep's files and decision rule, determinism, the
+//! pairing of seeds across methods, and agreement between backends on the
+//! first steps.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mgpo_experiments::backend::{self, Backend, SessionSpec};
-use mgpo_experiments::metrics::{rebound, smooth};
+use mgpo_experiments::metrics::{largest_rise, rebound_phases, select_checkpoint, smooth, MIN_RISE};
 use mgpo_experiments::model::{adapter_init, BaseModel};
 use mgpo_experiments::run::{run, RunSpec};
 use mgpo_experiments::sweep::summarize;
@@ -41,38 +42,79 @@ fn spec(method: Method, rank: usize, seed: u64, steps: u64) -> RunSpec {
 
 #[test]
 fn rebound_of_hand_made_curves() {
-    // Converges, rises by 0.6 above its minimum, converges again: a rebound.
+    // Converges below half of 3, rises by 0.6 above its minimum, converges again: three phases.
     let double_descent = [3.0, 2.0, 1.0, 0.5, 0.8, 1.1, 0.7, 0.3, 0.1];
-    assert!((rebound(&double_descent) - 0.6).abs() < 1e-12);
+    let r = rebound_phases(&double_descent, MIN_RISE);
+    assert!((r.height - 0.6).abs() < 1e-12 && r.three_phases, "{r:?}");
+    assert_eq!((r.converged, r.at), (Some(2), Some((3, 5, 6))));
     // Monotone: none.
-    assert_eq!(rebound(&[3.0, 2.0, 1.0, 0.5, 0.5, 0.2]), 0.0);
+    assert_eq!(rebound_phases(&[3.0, 2.0, 1.0, 0.5, 0.5, 0.2], MIN_RISE).height, 0.0);
+    // A bump before the loss has halved is the first descent's noise, not a rebound.
+    let early = [3.0, 2.0, 2.9, 1.0, 0.4];
+    assert_eq!((largest_rise(&early) > 0.8, rebound_phases(&early, MIN_RISE).height), (true, 0.0));
     // Noise is what the smoothing is for: a zig-zag of +-0.1 around a
-    // falling trend has a raw rebound, and none once smoothed over 2.
-    let zigzag: Vec<f64> = (0..20).map(|t| 2.0 - 0.05 * t as f64 + if t % 2 == 0 { 0.1 } else { -0.1 }).collect();
-    assert!(rebound(&zigzag) > 0.1);
-    assert!(rebound(&smooth(&zigzag, 2)[1..]) < 1e-12);
-    // Diverging after converging is an infinite rebound.
-    assert_eq!(rebound(&[1.0, 0.5, f64::INFINITY]), f64::INFINITY);
+    // falling trend rebounds raw, and not once smoothed over 2.
+    let zigzag: Vec<f64> = (0..30).map(|t| 2.0 - 0.06 * t as f64 + if t % 2 == 0 { 0.1 } else { -0.1 }).collect();
+    assert!(rebound_phases(&zigzag, MIN_RISE).three_phases);
+    assert_eq!(rebound_phases(&smooth(&zigzag, 2)[1..], 0.0).height, 0.0);
+    // Diverging after converging, and staying there, is a rise and not a rebound.
+    let r = rebound_phases(&[1.0, 0.4, f64::INFINITY], MIN_RISE);
+    assert_eq!((r.height, r.rise, r.three_phases), (0.0, f64::INFINITY, false));
 }
 
 #[test]
-fn summary_measures_the_rebound_after_the_smoothing_window() {
+fn summary_reads_both_curves_and_the_validation_checkpoint() {
     let (t, b) = base("digits-rot");
     let be = backend::by_name("candle").unwrap();
     let log = run(&t, &b, be.as_ref(), &spec(Method::Lora, 4, 0, 12), &mut |_| {}).unwrap();
-    let s = summarize(&log, 4);
+    let s = summarize(&log, 4, MIN_RISE).unwrap();
     let sm = smooth(&log.losses(), 4);
-    assert_eq!(s.rebound, rebound(&sm[3..]));
-    assert_eq!(s.final_loss, sm[11]);
+    assert_eq!(s.outcome.logged, rebound_phases(&sm, MIN_RISE));
+    let clean: Vec<f64> = log.evals.iter().map(|e| e.train_loss).collect();
+    assert_eq!(s.outcome.clean, rebound_phases(&clean, MIN_RISE));
+    assert_eq!(s.outcome.final_logged, sm[11]);
     assert_eq!(log.evals.len(), 1 + 2 + 1, "evaluations at 0, 5, 10 and the last step");
-    assert!(s.best_test_accuracy >= log.evals[0].test_accuracy);
+    // The reported test accuracy is the one at the best validation accuracy, not the best test accuracy.
+    let va: Vec<f64> = log.evals.iter().map(|e| e.val_accuracy).collect();
+    let vl: Vec<f64> = log.evals.iter().map(|e| e.val_loss).collect();
+    assert_eq!(s.outcome.selected, log.evals[select_checkpoint(&va, &vl).unwrap()]);
+    assert!(log.evals.iter().all(|e| e.val_accuracy <= s.outcome.selected.val_accuracy));
+    assert_eq!((s.init_digest, s.order_digest), (log.init_digest, log.order_digest));
+}
+
+#[test]
+fn seeds_are_paired_across_methods() {
+    let (t, b) = base("digits-rot");
+    let be = backend::by_name("candle").unwrap();
+    let logs: Vec<_> = Method::ALL.iter().map(|&m| run(&t, &b, be.as_ref(), &spec(m, 4, 3, 6), &mut |_| {}).unwrap()).collect();
+    let other = run(&t, &b, be.as_ref(), &spec(Method::Lora, 4, 4, 6), &mut |_| {}).unwrap();
+    for l in &logs {
+        let m = l.spec.method;
+        assert_eq!((l.init_digest, l.order_digest), (logs[0].init_digest, logs[0].order_digest), "{m}: not paired with lora");
+        // The same start: the clean model before any step is the same.
+        assert_eq!(l.evals[0], logs[0].evals[0], "{m}");
+    }
+    assert_ne!(other.init_digest, logs[0].init_digest, "another seed, other adapters");
+    assert_ne!(other.order_digest, logs[0].order_digest, "another seed, other batches");
+    let sums: Vec<_> = logs.iter().chain([&other]).map(|l| summarize(l, 2, MIN_RISE).unwrap()).collect();
+    assert!(mgpo_experiments::sweep::pairing_errors(&sums).is_empty());
+    // A run of the same seed with another batch order is reported.
+    let mut bad = sums[1].clone();
+    bad.order_digest ^= 1;
+    let errors = mgpo_experiments::sweep::pairing_errors(&[sums[0].clone(), bad]);
+    assert!(errors.len() == 1 && errors[0].contains("batch order"), "{errors:?}");
+    // The controls are not their variants: the weight-space noise changes the trainer's curve, and clipping changes lora's at lr 0.01.
+    let loss = |m: Method| logs[Method::ALL.iter().position(|&x| x == m).unwrap()].losses();
+    assert_ne!(loss(Method::LoraRandomWeight), loss(Method::MgpoTrainer));
+    assert_ne!(loss(Method::LoraRandomWeight), loss(Method::LoraClip));
+    assert_ne!(loss(Method::MgpoTrainerNoClip), loss(Method::MgpoTrainer));
 }
 
 #[test]
 fn same_seed_same_curve_other_seed_other_curve() {
     let (t, b) = base("digits-rot");
     let be = backend::by_name("candle").unwrap();
-    for m in [Method::Lora, Method::MgpoPaper, Method::MgpoTrainer, Method::LoraRandom] {
+    for m in [Method::Lora, Method::MgpoPaper, Method::MgpoTrainer, Method::LoraRandom, Method::LoraRandomWeight] {
         let a = run(&t, &b, be.as_ref(), &spec(m, 4, 1, 8), &mut |_| {}).unwrap();
         let a2 = run(&t, &b, be.as_ref(), &spec(m, 4, 1, 8), &mut |_| {}).unwrap();
         let c = run(&t, &b, be.as_ref(), &spec(m, 4, 2, 8), &mut |_| {}).unwrap();
@@ -129,7 +171,7 @@ fn backends_agree_on_the_first_steps() {
     let candle = backend::by_name("candle").unwrap();
     for other in names.iter().filter(|n| **n != "candle") {
         let o = backend::by_name(other).unwrap();
-        for m in [Method::Lora, Method::MgpoPaper, Method::MgpoTrainer, Method::MgpoNoApn, Method::LoraRandom] {
+        for m in Method::ALL.into_iter().filter(|m| !m.needs_w0_in_place() || o.holds_w0_in_place()) {
             let (dl, dp) = compare(candle.as_ref(), o.as_ref(), m, 5);
             // Losses to f32 rounding. Parameters within 1% of each tensor's
             // scale: AdamW's first steps move each element by about
@@ -159,6 +201,17 @@ fn bad_input_is_a_typed_error() {
         .unwrap()
         .session(&SessionSpec { base: &b, rank: 3, alpha: 3.0, config: Method::Lora.config(1e-3, 0), init_a: adapter_init(3, 0) });
     assert!(matches!(bad_dfdx.err(), Some(Error::InvalidSpec(m)) if m.contains("ranks")));
+    // The weight-space Gaussian control needs W0 in place, which dfdx's layers do not read.
+    let spec_rw = SessionSpec { base: &b, rank: 2, alpha: 2.0, config: Method::LoraRandomWeight.config(1e-3, 0), init_a: adapter_init(2, 0) };
+    let e = backend::by_name("dfdx").unwrap().session(&spec_rw).err();
+    assert!(matches!(e, Some(Error::InvalidSpec(ref m)) if m.contains("candle")), "{e:?}");
+    assert!(be.session(&spec_rw).is_ok(), "candle holds W0 in place");
+    let out = mgpo().args(["experiment", "--backend", "dfdx", "--methods", "lora,lora-random-weight", "--quiet"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lora-random-weight"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = mgpo().args(["experiment", "--min-rise=-1", "--quiet"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("min_rise"), "{}", String::from_utf8_lossy(&out.stderr));
 
     let out = mgpo().args(["experiment", "--methods", "sgd", "--quiet"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -189,7 +242,7 @@ fn experiment_writes_files_that_parse() {
     let out = tmp("sweep");
     let cache = cache();
     let status = mgpo()
-        .args(["experiment", "--tasks", "digits-rot", "--methods", "lora,mgpo-paper,lora-random", "--ranks", "2,4", "--lrs", "0.01"])
+        .args(["experiment", "--tasks", "digits-rot", "--methods", "lora,lora-clip,mgpo-trainer,lora-random-weight", "--ranks", "2,4", "--lrs", "0.01"])
         .args(["--seeds", "2", "--steps", "6", "--batch", "8", "--eval-every", "3", "--smooth", "2", "--quiet", "--out"])
         .arg(&out)
         .arg("--cache")
@@ -198,8 +251,9 @@ fn experiment_writes_files_that_parse() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&status.stderr));
-    assert!(stdout.contains("| digits-rot | 0.01 | 4 | mgpo-paper |"), "{stdout}");
-    let runs = 2 * 3 * 2;
+    assert!(stdout.contains("| digits-rot | 0.01 | 4 | mgpo-trainer |"), "{stdout}");
+    assert!(stdout.contains("| mgpo-trainer |") && stdout.contains("Verdicts"), "{stdout}");
+    let runs = 2 * 4 * 2;
 
     let (h, rows) = csv(&out.join("steps.csv"));
     assert_eq!(rows.len(), runs * 6);
@@ -209,8 +263,22 @@ fn experiment_writes_files_that_parse() {
     assert_eq!(rows.len(), runs * 3, "evaluations at 0, 3 and 6");
     let (h, rows) = csv(&out.join("runs.csv"));
     assert_eq!(rows.len(), runs);
-    let ri = h.iter().position(|c| c == "rebound").unwrap();
-    assert!(rows.iter().all(|r| r[ri].parse::<f64>().unwrap() >= 0.0));
+    for col in ["logged_rebound", "clean_rebound", "test_accuracy_at_val"] {
+        let ri = h.iter().position(|c| c == col).unwrap();
+        assert!(rows.iter().all(|r| r[ri].parse::<f64>().unwrap() >= 0.0), "{col}");
+    }
+    let ti = h.iter().position(|c| c == "clean_three_phases").unwrap();
+    assert!(rows.iter().all(|r| r[ti] == "true" || r[ti] == "false"));
+    // Paired: one digest of the initial adapters per seed, whatever the method.
+    let (si, di) = (h.iter().position(|c| c == "seed").unwrap(), h.iter().position(|c| c == "init_digest").unwrap());
+    let digests = |seed: &str| rows.iter().filter(|r| r[si] == seed && r[h.iter().position(|c| c == "rank").unwrap()] == "4").map(|r| r[di].clone()).collect::<Vec<_>>();
+    let d0 = digests("0");
+    assert_eq!(d0.len(), 4);
+    assert!(d0.iter().all(|d| *d == d0[0]) && digests("1")[0] != d0[0]);
+    let decision = read(&out.join("decision.md"));
+    assert!(decision.starts_with("Pairing: verified") && decision.contains("| mgpo-trainer |"), "{decision}");
+    let dj: serde_json::Value = serde_json::from_str(&read(&out.join("decision.json"))).unwrap();
+    assert_eq!(dj["verdicts"].as_array().unwrap().len(), 1, "one variant: mgpo-trainer");
     let (h, rows) = csv(&out.join("summary.csv"));
     assert_eq!(rows.len(), runs / 2);
     assert!(rows.iter().all(|r| r[h.iter().position(|c| c == "seeds").unwrap()] == "2"));
@@ -222,9 +290,11 @@ fn experiment_writes_files_that_parse() {
     assert_eq!(spec["steps"], 6);
     assert_eq!(read(&out.join("summary.md")).lines().count(), 2 + runs / 2);
 
-    let png = std::fs::read(out.join("plots").join("loss_digits-rot_lr0.01.png")).unwrap();
-    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-    assert!(png.len() > 10_000, "a plot with curves and text is not tiny");
+    for kind in ["loss", "clean", "rebound"] {
+        let png = std::fs::read(out.join("plots").join(format!("{kind}_digits-rot_lr0.01.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(png.len() > 10_000, "{kind}: a plot with curves and text is not tiny");
+    }
     std::fs::remove_dir_all(&out).unwrap();
 }
 

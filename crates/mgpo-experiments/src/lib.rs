@@ -9,10 +9,17 @@
 //!   cached as safetensors, adapters fine-tuned on a shifted task), one of
 //!   them on real data (UCI digits);
 //! - [`backend`]: the same run on candle (default), dfdx or tch;
-//! - [`run`]: one run, logged per step and evaluated periodically;
-//! - [`metrics`]: smoothing and the rebound;
+//! - [`run`]: one run, logged per step and evaluated periodically, paired
+//!   across methods (same adapters and batches for a seed);
 //! - [`sweep`]: the grid over tasks, ranks, learning rates, methods and
 //!   seeds, its output files, summary table and plots ([`plot`]).
+//!
+//! The parts that do not depend on the model, for any fine-tuning sweep
+//! (a transformer's too): [`method`] (the configurations compared and how
+//! they pair up: baselines, random controls), [`metrics`] (smoothing, the
+//! three-phase rebound, validation checkpoint selection), [`outcome`] (a
+//! run's summary from its logged loss and evaluations) and [`rule`] (the
+//! pre-registered decision rule over paired seeds).
 
 pub mod backend;
 pub mod data;
@@ -20,8 +27,10 @@ pub mod error;
 pub mod method;
 pub mod metrics;
 pub mod model;
+pub mod outcome;
 pub mod rng;
 pub mod plot;
+pub mod rule;
 pub mod run;
 pub mod sweep;
 pub mod task;

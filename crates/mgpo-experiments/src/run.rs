@@ -1,6 +1,12 @@
 //! One fine-tuning run: a task, a method, a rank, a peak learning rate and
 //! a seed, on one backend, with the paper's schedule (3% linear warm-up,
 //! cosine decay to 0) and mini-batches drawn in a seeded order.
+//!
+//! Runs are **paired** across methods: the adapter initialisation and the
+//! batch order depend on the seed only, never on the method, so for one
+//! seed every method starts from the same adapters and sees the same
+//! batches. Each log carries digests of both, read back from the session
+//! and from the batches actually used, so a sweep can check the pairing.
 
 use std::time::Instant;
 
@@ -11,8 +17,10 @@ use crate::backend::{Backend, Session, SessionSpec};
 use crate::error::{Error, Result};
 use crate::method::Method;
 use crate::model::{adapter_init, BaseModel, INPUT};
-use crate::rng::{derive, Rng};
+use crate::rng::{derive, mix, Rng};
 use crate::task::Task;
+
+pub use crate::outcome::EvalRecord;
 
 /// What one run is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,16 +61,6 @@ pub struct StepRecord {
     pub skipped: bool,
 }
 
-/// The clean model on the whole train and test sets after `step` steps.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct EvalRecord {
-    pub step: u64,
-    pub train_loss: f64,
-    pub train_accuracy: f64,
-    pub test_loss: f64,
-    pub test_accuracy: f64,
-}
-
 /// Everything a run produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunLog {
@@ -72,6 +70,10 @@ pub struct RunLog {
     pub evals: Vec<EvalRecord>,
     /// Wall time of the training loop (evaluations excluded).
     pub train_seconds: f64,
+    /// [`digest`] of the trainable tensors before the first step, as the session holds them.
+    pub init_digest: u64,
+    /// [`digest`] of the sample indices of every batch, in order.
+    pub order_digest: u64,
 }
 
 impl RunLog {
@@ -104,19 +106,34 @@ pub fn check(spec: &RunSpec) -> Result<()> {
     Ok(())
 }
 
-/// An endless stream of epochs, each a fresh seeded permutation of 0..n.
-struct Batches {
+/// A 64-bit digest of a sequence of words (splitmix64's mixer, chained):
+/// equal sequences give equal digests, and different ones, in practice,
+/// different digests.
+pub fn digest(words: impl IntoIterator<Item = u64>) -> u64 {
+    words.into_iter().fold(0x243f_6a88_85a3_08d3, |h, w| mix(h ^ mix(w)))
+}
+
+/// The digest of tensors' values (their f32 bits) and lengths.
+pub fn tensors_digest(tensors: &[Vec<f32>]) -> u64 {
+    digest(tensors.iter().flat_map(|t| std::iter::once(t.len() as u64).chain(t.iter().map(|v| v.to_bits() as u64))))
+}
+
+/// The batch order of a run: an endless stream of epochs, each a fresh
+/// permutation of 0..n drawn from the run's seed (never from the method).
+#[derive(Debug, Clone)]
+pub struct Batches {
     rng: Rng,
     order: Vec<usize>,
     at: usize,
 }
 
 impl Batches {
-    fn new(n: usize, seed: u64) -> Self {
+    pub fn new(n: usize, seed: u64) -> Self {
         Batches { rng: Rng::new(derive(seed, "batches")), order: Vec::new(), at: n }
     }
 
-    fn next(&mut self, n: usize, size: usize) -> Vec<usize> {
+    /// The next `size` indices (at most n) of the stream.
+    pub fn next(&mut self, n: usize, size: usize) -> Vec<usize> {
         (0..size.min(n))
             .map(|_| {
                 if self.at >= self.order.len() {
@@ -130,10 +147,22 @@ impl Batches {
     }
 }
 
+/// The clean model after `step` steps: the clean training loss on the
+/// whole training set (the fixed subset, for tasks this small), the
+/// validation split and the test set.
 fn evaluate(session: &mut dyn Session, task: &Task, step: u64) -> Result<EvalRecord> {
     let tr = session.evaluate(&task.train.x, &task.train.y)?;
+    let va = session.evaluate(&task.val.x, &task.val.y)?;
     let te = session.evaluate(&task.test.x, &task.test.y)?;
-    Ok(EvalRecord { step, train_loss: tr.loss, train_accuracy: tr.accuracy, test_loss: te.loss, test_accuracy: te.accuracy })
+    Ok(EvalRecord {
+        step,
+        train_loss: tr.loss,
+        train_accuracy: tr.accuracy,
+        val_loss: va.loss,
+        val_accuracy: va.accuracy,
+        test_loss: te.loss,
+        test_accuracy: te.accuracy,
+    })
 }
 
 /// Runs `spec` on `backend`; `on_step(k)` is called after step k.
@@ -146,14 +175,17 @@ pub fn run(task: &Task, base: &BaseModel, backend: &dyn Backend, spec: &RunSpec,
     let session_spec =
         SessionSpec { base, rank: spec.rank, alpha: spec.alpha, config, init_a: adapter_init(spec.rank, derive(spec.seed, "adapters")) };
     let mut session = backend.session(&session_spec)?;
+    let init_digest = tensors_digest(&session.params()?);
     let schedule = WarmupCosine::paper(spec.lr, spec.steps);
     let mut batches = Batches::new(task.train.len(), spec.seed);
+    let mut order = Vec::with_capacity(spec.steps as usize * spec.batch);
 
     let mut steps = Vec::with_capacity(spec.steps as usize);
     let mut evals = vec![evaluate(session.as_mut(), task, 0)?];
     let mut train_seconds = 0.0;
     for k in 0..spec.steps {
         let idx = batches.next(task.train.len(), spec.batch);
+        order.extend(idx.iter().map(|&i| i as u64));
         let sub = task.train.subset(&idx);
         debug_assert_eq!(sub.x.len(), idx.len() * INPUT);
         let start = Instant::now();
@@ -169,5 +201,6 @@ pub fn run(task: &Task, base: &BaseModel, backend: &dyn Backend, spec: &RunSpec,
         }
         on_step(k + 1);
     }
-    Ok(RunLog { spec: spec.clone(), backend: backend.name().to_string(), steps, evals, train_seconds })
+    let order_digest = digest(order);
+    Ok(RunLog { spec: spec.clone(), backend: backend.name().to_string(), steps, evals, train_seconds, init_digest, order_digest })
 }

@@ -4,11 +4,14 @@
 //! | file | what |
 //! |---|---|
 //! | `spec.json` | the sweep that made the files |
-//! | `steps.csv` | every step of every run: loss, smoothed loss, lr, gradient and perturbation norms |
-//! | `evals.csv` | periodic evaluations of the clean model on the whole train and test sets |
-//! | `runs.csv` | one line per run: final losses, rebounds, accuracies, time |
+//! | `steps.csv` | every step of every run: loss as logged, smoothed loss, lr, gradient and perturbation norms |
+//! | `evals.csv` | periodic evaluations of the clean model: training loss (the clean loss), validation and test sets |
+//! | `runs.csv` | one line per run: rebounds of the logged and the clean loss with their phases, validation-selected test accuracy, digests of the initial adapters and of the batch order |
 //! | `summary.csv`, `summary.json`, `summary.md` | per (task, lr, rank, method): mean and std over seeds |
-//! | `plots/loss_<task>_lr<lr>.png` | smoothed training loss, one panel per rank, one line per method |
+//! | `decision.md`, `decision.json` | the decision rule ([`crate::rule`]) applied to the paired seeds |
+//! | `plots/loss_<task>_lr<lr>.png` | smoothed logged loss, one panel per rank, one line per run |
+//! | `plots/clean_<task>_lr<lr>.png` | clean training loss at the evaluations, likewise |
+//! | `plots/rebound_<task>_lr<lr>.png` | clean rebound per method, one line per seed across methods (the pairing) |
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -22,7 +25,9 @@ use serde::{Deserialize, Serialize};
 use crate::backend;
 use crate::error::{io, Error, Result};
 use crate::method::Method;
-use crate::metrics::{mean_std, rebound, rebound_at, smooth};
+use crate::metrics::{mean_std, smooth};
+use crate::outcome::Outcome;
+use crate::rule::{Decision, Rule, Scores};
 use crate::run::{check, run, RunLog, RunSpec};
 use crate::task::task;
 
@@ -38,8 +43,11 @@ pub struct SweepSpec {
     pub steps: u64,
     pub batch: usize,
     pub eval_every: u64,
-    /// Window of the trailing mean the rebound is measured on.
+    /// Window of the trailing mean the logged loss is smoothed with.
     pub smooth: usize,
+    /// Smallest rebound, as a fraction of the initial loss, that counts as
+    /// the three phases ([`crate::metrics::rebound_phases`]).
+    pub min_rise: f64,
     /// Seeds the task data and the base network.
     pub task_seed: u64,
     /// LoRA alpha; `None` is alpha = r, as the paper.
@@ -74,7 +82,8 @@ impl SweepSpec {
         v
     }
 
-    /// Refuses an empty grid, unknown tasks or backends and bad run settings.
+    /// Refuses an empty grid, unknown tasks or backends, a method the
+    /// backend cannot run and bad run settings.
     pub fn validate(&self) -> Result<()> {
         let empty = |what: &str, n: usize| if n == 0 { Err(Error::InvalidSpec(format!("no {what} given"))) } else { Ok(()) };
         empty("task", self.tasks.len())?;
@@ -85,12 +94,18 @@ impl SweepSpec {
         if self.smooth == 0 {
             return Err(Error::InvalidSpec("smoothing window must be at least 1".into()));
         }
+        if !(self.min_rise.is_finite() && self.min_rise >= 0.0) {
+            return Err(Error::InvalidSpec(format!("min_rise must be finite and >= 0, got {}", self.min_rise)));
+        }
         for t in &self.tasks {
             if !crate::task::TASKS.contains(&t.as_str()) {
                 return Err(Error::InvalidSpec(format!("unknown task `{t}`; one of {}", crate::task::TASKS.join(", "))));
             }
         }
-        backend::by_name(&self.backend)?;
+        let be = backend::by_name(&self.backend)?;
+        for m in &self.methods {
+            backend::check_support(be.as_ref(), &m.config(1e-3, 0))?;
+        }
         self.runs().iter().try_for_each(check)
     }
 }
@@ -99,46 +114,76 @@ impl SweepSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
     pub spec: RunSpec,
-    /// Smoothed training loss (as logged, at the perturbed point) at the last step.
-    pub final_loss: f64,
-    /// Loss of the clean model on the whole training set at the end.
-    pub final_train_loss: f64,
-    /// The rebound of the smoothed per-step training loss ([`crate::metrics`]).
-    pub rebound: f64,
-    /// Steps of the minimum and of the peak of that rebound.
-    pub rebound_steps: Option<(u64, u64)>,
-    /// The rebound of the clean training loss over the periodic evaluations.
-    pub clean_rebound: f64,
-    pub best_test_accuracy: f64,
-    pub final_test_accuracy: f64,
+    pub outcome: Outcome,
+    /// Step of convergence and (lowest, peak, back-down) steps of the logged rebound.
+    pub logged_steps: (Option<u64>, Option<(u64, u64, u64)>),
+    /// The same for the clean rebound (steps of evaluations).
+    pub clean_steps: (Option<u64>, Option<(u64, u64, u64)>),
     pub train_seconds: f64,
+    pub init_digest: u64,
+    pub order_digest: u64,
 }
 
-/// Summarises a run; the smoothed curve is defined once the window is
-/// full (steps `smooth` and later), so a noisy first few batches do not
-/// count as a rebound.
-pub fn summarize(log: &RunLog, window: usize) -> RunSummary {
-    let s = smoothed(log, window);
-    let w = window.max(1).min(s.len().max(1));
-    let tail = &s[w - 1..];
-    let clean: Vec<f64> = log.evals.iter().map(|e| e.train_loss).collect();
-    let last = log.evals.last();
-    RunSummary {
-        spec: log.spec.clone(),
-        final_loss: s.last().copied().unwrap_or(f64::NAN),
-        final_train_loss: last.map_or(f64::NAN, |e| e.train_loss),
-        rebound: rebound(tail),
-        rebound_steps: rebound_at(tail).map(|(a, b)| ((a + w) as u64, (b + w) as u64)),
-        clean_rebound: rebound(&clean),
-        best_test_accuracy: log.evals.iter().map(|e| e.test_accuracy).fold(f64::NAN, f64::max),
-        final_test_accuracy: last.map_or(f64::NAN, |e| e.test_accuracy),
-        train_seconds: log.train_seconds,
+impl RunSummary {
+    /// What the decision rule reads, at setting "task lr .. r ..".
+    pub fn scores(&self) -> Scores {
+        let s = &self.spec;
+        Scores {
+            setting: setting(s),
+            method: s.method,
+            seed: s.seed,
+            clean_rebound: self.outcome.clean.height,
+            clean_three_phases: self.outcome.clean.three_phases,
+            test_at_val: self.outcome.selected.test_accuracy,
+        }
     }
+}
+
+/// The setting of a run: everything but the method and the seed.
+pub fn setting(s: &RunSpec) -> String {
+    format!("{} lr {} r {}", s.task, s.lr, s.rank)
+}
+
+/// Summarises a run ([`Outcome::from_curves`]).
+pub fn summarize(log: &RunLog, window: usize, min_rise: f64) -> Result<RunSummary> {
+    let outcome = Outcome::from_curves(&log.losses(), &log.evals, window, min_rise)
+        .ok_or_else(|| Error::InvalidSpec(format!("run {} has no evaluation", log.spec.label())))?;
+    Ok(RunSummary {
+        spec: log.spec.clone(),
+        logged_steps: outcome.logged_steps(),
+        clean_steps: outcome.clean_steps(&log.evals),
+        outcome,
+        train_seconds: log.train_seconds,
+        init_digest: log.init_digest,
+        order_digest: log.order_digest,
+    })
 }
 
 /// The trailing-mean smoothed per-step loss.
 pub fn smoothed(log: &RunLog, window: usize) -> Vec<f64> {
     smooth(&log.losses(), window)
+}
+
+/// Runs that should be paired but are not: for every (task, lr, rank,
+/// seed), all methods must share the initial adapters and the batch order.
+/// One line per mismatch (empty when paired).
+pub fn pairing_errors(runs: &[RunSummary]) -> Vec<String> {
+    let mut first: BTreeMap<String, &RunSummary> = BTreeMap::new();
+    let mut errors = Vec::new();
+    for r in runs {
+        let key = format!("{} seed {}", setting(&r.spec), r.spec.seed);
+        match first.get(&key) {
+            None => {
+                first.insert(key, r);
+            }
+            Some(f) if (f.init_digest, f.order_digest) != (r.init_digest, r.order_digest) => {
+                let what = if f.init_digest != r.init_digest { "initial adapters" } else { "batch order" };
+                errors.push(format!("{key}: {} and {} have different {what}", f.spec.method, r.spec.method));
+            }
+            Some(_) => {}
+        }
+    }
+    errors
 }
 
 /// mean and std over seeds.
@@ -172,11 +217,15 @@ pub struct Row {
     pub rank: usize,
     pub method: Method,
     pub seeds: usize,
+    /// Clean training loss at the end.
     pub final_train_loss: Stat,
-    pub final_loss: Stat,
-    pub rebound: Stat,
+    pub logged_rebound: Stat,
+    /// Runs whose logged loss showed the three phases.
+    pub logged_three_phases: usize,
     pub clean_rebound: Stat,
-    pub best_test_accuracy: Stat,
+    pub clean_three_phases: usize,
+    /// Test accuracy at the checkpoint the validation split selected.
+    pub test_at_val: Stat,
     pub final_test_accuracy: Stat,
     pub train_seconds: Stat,
 }
@@ -201,12 +250,13 @@ pub fn rows(runs: &[RunSummary]) -> Vec<Row> {
                 rank,
                 method,
                 seeds: g.len(),
-                final_train_loss: st(|r| r.final_train_loss),
-                final_loss: st(|r| r.final_loss),
-                rebound: st(|r| r.rebound),
-                clean_rebound: st(|r| r.clean_rebound),
-                best_test_accuracy: st(|r| r.best_test_accuracy),
-                final_test_accuracy: st(|r| r.final_test_accuracy),
+                final_train_loss: st(|r| r.outcome.last.train_loss),
+                logged_rebound: st(|r| r.outcome.logged.height),
+                logged_three_phases: g.iter().filter(|r| r.outcome.logged.three_phases).count(),
+                clean_rebound: st(|r| r.outcome.clean.height),
+                clean_three_phases: g.iter().filter(|r| r.outcome.clean.three_phases).count(),
+                test_at_val: st(|r| r.outcome.selected.test_accuracy),
+                final_test_accuracy: st(|r| r.outcome.last.test_accuracy),
                 train_seconds: st(|r| r.train_seconds),
             }
         })
@@ -216,20 +266,25 @@ pub fn rows(runs: &[RunSummary]) -> Vec<Row> {
 /// The summary as a markdown table.
 pub fn markdown_table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| task | lr | r | method | final train loss | rebound (smoothed step loss) | rebound (clean train loss) | best test acc | s / run |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| task | lr | r | method | final clean train loss | rebound, logged loss (runs with 3 phases) | rebound, clean loss (runs with 3 phases) | test acc at val checkpoint | final test acc | s / run |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |\n",
+            "| {} | {} | {} | {} | {} | {} ({}/{}) | {} ({}/{}) | {} | {} | {:.2} |\n",
             r.task,
             r.lr,
             r.rank,
             r.method,
             r.final_train_loss.show(4),
-            r.rebound.show(3),
+            r.logged_rebound.show(3),
+            r.logged_three_phases,
+            r.seeds,
             r.clean_rebound.show(3),
-            r.best_test_accuracy.show(3),
+            r.clean_three_phases,
+            r.seeds,
+            r.test_at_val.show(3),
+            r.final_test_accuracy.show(3),
             r.train_seconds.mean
         );
     }
@@ -261,6 +316,8 @@ pub struct Outputs {
     pub summary_csv: PathBuf,
     pub summary_json: PathBuf,
     pub summary_md: PathBuf,
+    pub decision_md: PathBuf,
+    pub decision_json: PathBuf,
     pub plots: Vec<PathBuf>,
 }
 
@@ -269,8 +326,14 @@ pub struct Outputs {
 pub struct SweepResult {
     pub runs: Vec<RunSummary>,
     pub rows: Vec<Row>,
-    /// The per-step smoothed losses of every run, for plotting (same order as `runs`).
+    /// The per-step smoothed logged losses of every run (same order as `runs`).
     pub curves: Vec<Vec<f64>>,
+    /// The (step, clean training loss) evaluations of every run (same order).
+    pub clean: Vec<Vec<(u64, f64)>>,
+    /// The decision rule on the paired seeds.
+    pub decision: Decision,
+    /// Runs of one seed that were not paired ([`pairing_errors`]); empty when all were.
+    pub pairing_errors: Vec<String>,
     pub outputs: Outputs,
 }
 
@@ -282,57 +345,107 @@ fn csv_line(w: &mut impl Write, path: &Path, fields: &[String]) -> Result<()> {
     writeln!(w, "{}", fields.join(",")).map_err(|e| io(path, e))
 }
 
+fn num(x: f64) -> String {
+    format!("{x}")
+}
+
+/// A value that came from f32 arithmetic, written with f32's shortest digits.
+fn num32(x: f64) -> String {
+    format!("{}", x as f32)
+}
+
+fn opt(x: Option<u64>) -> String {
+    x.map_or(String::new(), |v| v.to_string())
+}
+
+const KEY: [&str; 5] = ["task", "method", "rank", "lr", "seed"];
+const STEP_COLS: [&str; 7] = ["step", "lr_t", "loss", "smoothed_loss", "grad_norm", "perturbation_norm", "skipped"];
+const EVAL_COLS: [&str; 7] = ["step", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy"];
+const RUN_COLS: [&str; 27] = [
+    "final_smoothed_loss",
+    "final_clean_loss",
+    "logged_rebound",
+    "logged_rise",
+    "logged_three_phases",
+    "logged_converged_step",
+    "logged_low_step",
+    "logged_peak_step",
+    "logged_back_step",
+    "clean_rebound",
+    "clean_rise",
+    "clean_three_phases",
+    "clean_converged_step",
+    "clean_low_step",
+    "clean_peak_step",
+    "clean_back_step",
+    "selected_step",
+    "val_accuracy",
+    "test_accuracy_at_val",
+    "final_test_accuracy",
+    "final_val_accuracy",
+    "train_seconds",
+    "init_digest",
+    "order_digest",
+    "alpha",
+    "steps",
+    "batch",
+];
+
 /// Appends one run to the per-step, evaluation and per-run files.
 fn write_run(
     log: &RunLog,
-    window: usize,
+    spec: &SweepSpec,
     o: &Outputs,
     steps_w: &mut impl Write,
     evals_w: &mut impl Write,
     runs_w: &mut impl Write,
 ) -> Result<(RunSummary, Vec<f64>)> {
     let rs = &log.spec;
-    let sum = summarize(log, window);
-    let s = smoothed(log, window);
+    let sum = summarize(log, spec.smooth, spec.min_rise)?;
+    let s = smoothed(log, spec.smooth);
     let k = [rs.task.clone(), rs.method.to_string(), rs.rank.to_string(), num(rs.lr), rs.seed.to_string()];
     let with = |extra: Vec<String>| k.iter().cloned().chain(extra).collect::<Vec<_>>();
     for (st, sm) in log.steps.iter().zip(&s) {
         let f = vec![
             st.step.to_string(),
             num(st.lr),
-            num(st.loss),
-            num(*sm),
-            num(st.grad_norm),
-            num(st.perturbation_norm),
+            num32(st.loss),
+            num32(*sm),
+            num32(st.grad_norm),
+            num32(st.perturbation_norm),
             (st.skipped as u8).to_string(),
         ];
         csv_line(steps_w, &o.steps_csv, &with(f))?;
     }
     for e in &log.evals {
-        let f = vec![e.step.to_string(), num(e.train_loss), num(e.train_accuracy), num(e.test_loss), num(e.test_accuracy)];
+        let f = [e.step as f64, e.train_loss, e.train_accuracy, e.val_loss, e.val_accuracy, e.test_loss, e.test_accuracy].map(num32).to_vec();
         csv_line(evals_w, &o.evals_csv, &with(f))?;
     }
-    let (rf, rp) = sum.rebound_steps.map_or((String::new(), String::new()), |(a, b)| (a.to_string(), b.to_string()));
-    let f = vec![
-        num(sum.final_loss),
-        num(sum.final_train_loss),
-        num(sum.rebound),
-        rf,
-        rp,
-        num(sum.clean_rebound),
-        num(sum.best_test_accuracy),
-        num(sum.final_test_accuracy),
+    let oc = &sum.outcome;
+    let phases = |c: Option<u64>, at: Option<(u64, u64, u64)>| [opt(c), opt(at.map(|a| a.0)), opt(at.map(|a| a.1)), opt(at.map(|a| a.2))];
+    let mut f = vec![num(oc.final_logged), num(oc.last.train_loss), num(oc.logged.height), num(oc.logged.rise), oc.logged.three_phases.to_string()];
+    f.extend(phases(sum.logged_steps.0, sum.logged_steps.1));
+    f.extend([num(oc.clean.height), num(oc.clean.rise), oc.clean.three_phases.to_string()]);
+    f.extend(phases(sum.clean_steps.0, sum.clean_steps.1));
+    f.extend([
+        oc.selected.step.to_string(),
+        num(oc.selected.val_accuracy),
+        num(oc.selected.test_accuracy),
+        num(oc.last.test_accuracy),
+        num(oc.last.val_accuracy),
         num(sum.train_seconds),
-    ];
+        format!("{:016x}", sum.init_digest),
+        format!("{:016x}", sum.order_digest),
+        num(rs.alpha),
+        rs.steps.to_string(),
+        rs.batch.to_string(),
+    ]);
+    debug_assert_eq!(f.len(), RUN_COLS.len());
     csv_line(runs_w, &o.runs_csv, &with(f))?;
     steps_w.flush().map_err(|e| io(&o.steps_csv, e))?;
     evals_w.flush().map_err(|e| io(&o.evals_csv, e))?;
     runs_w.flush().map_err(|e| io(&o.runs_csv, e))?;
     Ok((sum, s))
-}
-
-fn num(x: f64) -> String {
-    format!("{x}")
 }
 
 /// What a worker thread reports.
@@ -361,30 +474,17 @@ pub fn run_sweep(spec: &SweepSpec, out: &Path, cache: &Path, jobs: usize, obs: &
         summary_csv: out.join("summary.csv"),
         summary_json: out.join("summary.json"),
         summary_md: out.join("summary.md"),
+        decision_md: out.join("decision.md"),
+        decision_json: out.join("decision.json"),
         plots: Vec::new(),
     };
     let spec_path = out.join("spec.json");
     std::fs::write(&spec_path, serde_json::to_string_pretty(spec).map_err(|e| io(&spec_path, e))?).map_err(|e| io(&spec_path, e))?;
-    let key = ["task", "method", "rank", "lr", "seed"].map(String::from);
     let (mut steps_w, mut evals_w, mut runs_w) = (create(&o.steps_csv)?, create(&o.evals_csv)?, create(&o.runs_csv)?);
-    let cols = |extra: &[&str]| key.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect::<Vec<_>>();
-    csv_line(&mut steps_w, &o.steps_csv, &cols(&["step", "lr_t", "loss", "smoothed_loss", "grad_norm", "perturbation_norm", "skipped"]))?;
-    csv_line(&mut evals_w, &o.evals_csv, &cols(&["step", "train_loss", "train_accuracy", "test_loss", "test_accuracy"]))?;
-    csv_line(
-        &mut runs_w,
-        &o.runs_csv,
-        &cols(&[
-            "final_loss",
-            "final_train_loss",
-            "rebound",
-            "rebound_from_step",
-            "rebound_peak_step",
-            "clean_rebound",
-            "best_test_accuracy",
-            "final_test_accuracy",
-            "train_seconds",
-        ]),
-    )?;
+    let cols = |extra: &[&str]| KEY.iter().chain(extra).map(|s| s.to_string()).collect::<Vec<_>>();
+    csv_line(&mut steps_w, &o.steps_csv, &cols(&STEP_COLS))?;
+    csv_line(&mut evals_w, &o.evals_csv, &cols(&EVAL_COLS))?;
+    csv_line(&mut runs_w, &o.runs_csv, &cols(&RUN_COLS))?;
 
     // Tasks and their base networks, trained (or loaded) before any run.
     let mut tasks: Vec<(crate::task::Task, crate::model::BaseModel)> = Vec::new();
@@ -398,6 +498,7 @@ pub fn run_sweep(spec: &SweepSpec, out: &Path, cache: &Path, jobs: usize, obs: &
     let all = spec.runs();
     let mut runs = Vec::with_capacity(all.len());
     let mut curves = Vec::with_capacity(all.len());
+    let mut clean = Vec::with_capacity(all.len());
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel::<Event>();
@@ -437,11 +538,12 @@ pub fn run_sweep(spec: &SweepSpec, out: &Path, cache: &Path, jobs: usize, obs: &
                     done.insert(i, log);
                     while let Some(log) = done.remove(&written) {
                         if first_error.is_none() {
-                            match write_run(&log, spec.smooth, &o, &mut steps_w, &mut evals_w, &mut runs_w) {
+                            match write_run(&log, spec, &o, &mut steps_w, &mut evals_w, &mut runs_w) {
                                 Ok((sum, s)) => {
                                     obs.run_finished(&sum);
                                     runs.push(sum);
                                     curves.push(s);
+                                    clean.push(log.evals.iter().map(|e| (e.step, e.train_loss)).collect());
                                 }
                                 Err(e) => {
                                     stop.store(true, Ordering::SeqCst);
@@ -461,15 +563,12 @@ pub fn run_sweep(spec: &SweepSpec, out: &Path, cache: &Path, jobs: usize, obs: &
 
     let rows = rows(&runs);
     let mut w = create(&o.summary_csv)?;
-    csv_line(
-        &mut w,
-        &o.summary_csv,
-        &[
-            "task", "lr", "rank", "method", "seeds", "final_train_loss_mean", "final_train_loss_std", "rebound_mean", "rebound_std",
-            "clean_rebound_mean", "clean_rebound_std", "best_test_accuracy_mean", "best_test_accuracy_std", "train_seconds_mean",
-        ]
-        .map(String::from),
-    )?;
+    let head = [
+        "task", "lr", "rank", "method", "seeds", "final_train_loss_mean", "final_train_loss_std", "logged_rebound_mean", "logged_rebound_std",
+        "logged_three_phases", "clean_rebound_mean", "clean_rebound_std", "clean_three_phases", "test_at_val_mean", "test_at_val_std",
+        "final_test_accuracy_mean", "final_test_accuracy_std", "train_seconds_mean",
+    ];
+    csv_line(&mut w, &o.summary_csv, &head.map(String::from))?;
     for r in &rows {
         let f = vec![
             r.task.clone(),
@@ -479,12 +578,16 @@ pub fn run_sweep(spec: &SweepSpec, out: &Path, cache: &Path, jobs: usize, obs: &
             r.seeds.to_string(),
             num(r.final_train_loss.mean),
             num(r.final_train_loss.std),
-            num(r.rebound.mean),
-            num(r.rebound.std),
+            num(r.logged_rebound.mean),
+            num(r.logged_rebound.std),
+            r.logged_three_phases.to_string(),
             num(r.clean_rebound.mean),
             num(r.clean_rebound.std),
-            num(r.best_test_accuracy.mean),
-            num(r.best_test_accuracy.std),
+            r.clean_three_phases.to_string(),
+            num(r.test_at_val.mean),
+            num(r.test_at_val.std),
+            num(r.final_test_accuracy.mean),
+            num(r.final_test_accuracy.std),
             num(r.train_seconds.mean),
         ];
         csv_line(&mut w, &o.summary_csv, &f)?;
@@ -494,7 +597,18 @@ pub fn run_sweep(spec: &SweepSpec, out: &Path, cache: &Path, jobs: usize, obs: &
     std::fs::write(&o.summary_json, json).map_err(|e| io(&o.summary_json, e))?;
     std::fs::write(&o.summary_md, markdown_table(&rows)).map_err(|e| io(&o.summary_md, e))?;
 
-    let mut result = SweepResult { runs, rows, curves, outputs: o };
-    result.outputs.plots = crate::plot::loss_plots(spec, &result, &out.join("plots"))?;
+    let scores: Vec<Scores> = runs.iter().map(RunSummary::scores).collect();
+    let decision = Rule::PREREGISTERED.decide(&scores);
+    let pairing_errors = pairing_errors(&runs);
+    let pairing = match pairing_errors.len() {
+        0 => format!("Pairing: verified (for every setting and seed, all {} methods had the same initial adapters and batch order).\n\n", spec.methods.len()),
+        n => format!("Pairing: FAILED for {n} run(s):\n\n{}\n\n", pairing_errors.iter().map(|e| format!("- {e}")).collect::<Vec<_>>().join("\n")),
+    };
+    std::fs::write(&o.decision_md, pairing + &decision.markdown()).map_err(|e| io(&o.decision_md, e))?;
+    let json = serde_json::to_string_pretty(&decision).map_err(|e| io(&o.decision_json, e))?;
+    std::fs::write(&o.decision_json, json).map_err(|e| io(&o.decision_json, e))?;
+
+    let mut result = SweepResult { runs, rows, curves, clean, decision, pairing_errors, outputs: o };
+    result.outputs.plots = crate::plot::plots(spec, &result, &out.join("plots"))?;
     Ok(result)
 }

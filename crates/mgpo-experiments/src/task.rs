@@ -12,6 +12,10 @@
 //!   learn T1 = T0 plus a rank-4 change of every layer, from 1000 samples
 //!   with 10% of their labels replaced by random classes, and are evaluated
 //!   on clean T1 labels.
+//!
+//! Each task's fine-tuning data is split, by the task seed, into a training
+//! set and a validation split that selects the checkpoint whose test
+//! accuracy is reported; the test set is never used to choose anything.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,7 +30,7 @@ use crate::rng::{derive, mix, Rng};
 pub const TASKS: [&str; 2] = ["digits-rot", "teacher"];
 
 /// A task: pre-training data for the base network, and the fine-tuning
-/// train and test sets.
+/// train, validation and test sets.
 #[derive(Debug, Clone)]
 pub struct Task {
     pub name: &'static str,
@@ -34,6 +38,8 @@ pub struct Task {
     pub seed: u64,
     pub pretrain: Dataset,
     pub train: Dataset,
+    /// Held out from the fine-tuning data, fixed by the task seed.
+    pub val: Dataset,
     pub test: Dataset,
     pub recipe: PretrainRecipe,
 }
@@ -48,17 +54,25 @@ pub fn task(name: &str, seed: u64) -> Result<Task> {
     }
 }
 
+/// Splits fine-tuning data into (train, validation) of `n_val` samples, by `seed`.
+fn hold_out(d: &Dataset, n_val: usize, seed: u64) -> (Dataset, Dataset) {
+    let parts = split(d.len(), &[d.len() - n_val, n_val], &mut Rng::new(seed));
+    (d.subset(&parts[0]), d.subset(&parts[1]))
+}
+
 fn digits_rot(seed: u64) -> Task {
     let all = digits();
     let mut rng = Rng::new(derive(seed, "digits-split"));
-    let parts = split(all.len(), &[897, 300, 600], &mut rng);
+    let parts = split(all.len(), &[897, 400, 500], &mut rng);
     let rot = |d: Dataset| d.map_rows(rotate90);
+    let (train, val) = hold_out(&rot(all.subset(&parts[1])), 100, derive(seed, "digits-val"));
     Task {
         name: "digits-rot",
-        description: "UCI digits: base on upright digits, adapters on quarter-turned digits (300 train, 600 test)",
+        description: "UCI digits: base on upright digits, adapters on quarter-turned digits (300 train, 100 validation, 500 test)",
         seed,
         pretrain: all.subset(&parts[0]),
-        train: rot(all.subset(&parts[1])),
+        train,
+        val,
         test: rot(all.subset(&parts[2])),
         recipe: PretrainRecipe { epochs: 30, batch: 64, lr: 2e-3, weight_decay: 0.1 },
     }
@@ -68,12 +82,15 @@ fn teacher(seed: u64) -> Task {
     let mut rng = Rng::new(derive(seed, "teacher"));
     let t0 = Teacher::random(INPUT, 2 * HIDDEN, CLASSES, &mut rng);
     let t1 = t0.shifted(4, 0.3, &mut rng);
+    let pretrain = t0.sample(4000, 0.0, &mut rng);
+    let (train, val) = hold_out(&t1.sample(1200, 0.1, &mut rng), 200, derive(seed, "teacher-val"));
     Task {
         name: "teacher",
-        description: "teacher network: base on teacher T0, adapters on T1 = T0 + rank-4 shift (1000 train with 10% label noise, 2000 clean test)",
+        description: "teacher network: base on teacher T0, adapters on T1 = T0 + rank-4 shift (1000 train and 200 validation with 10% label noise, 2000 clean test)",
         seed,
-        pretrain: t0.sample(4000, 0.0, &mut rng),
-        train: t1.sample(1000, 0.1, &mut rng),
+        pretrain,
+        train,
+        val,
         test: t1.sample(2000, 0.0, &mut rng),
         recipe: PretrainRecipe { epochs: 30, batch: 64, lr: 2e-3, weight_decay: 0.1 },
     }
@@ -130,9 +147,13 @@ mod tests {
         assert_eq!(a.train, b.train);
         assert_eq!(a.cache_key(), b.cache_key());
         assert_ne!(task("digits-rot", 1).unwrap().cache_key(), a.cache_key());
-        assert_eq!((a.pretrain.len(), a.train.len(), a.test.len()), (897, 300, 600));
+        assert_eq!((a.pretrain.len(), a.train.len(), a.val.len(), a.test.len()), (897, 300, 100, 500));
+        assert_eq!(a.val, b.val);
+        assert_ne!(task("digits-rot", 1).unwrap().val, a.val);
+        // The validation split is held out of the training data: no image in both.
+        assert!((0..a.val.len()).all(|i| (0..a.train.len()).all(|j| a.val.row(i) != a.train.row(j))));
         let t = task("teacher", 0).unwrap();
-        assert_eq!((t.train.len(), t.test.len()), (1000, 2000));
+        assert_eq!((t.train.len(), t.val.len(), t.test.len()), (1000, 200, 2000));
         assert!(task("nope", 0).is_err());
     }
 }

@@ -1,12 +1,21 @@
 //! The candle backend (the embedded default): [`mgpo_candle::LoraLinear`]
 //! layers over the frozen base weights and [`mgpo_candle::MgpoOptimizer`],
 //! on the CPU in f32. Also trains the base network ([`pretrain`]).
+//!
+//! In weight space the layers normally receive MGPO's perturbation in
+//! factored form and W0 is never written. The Gaussian direction in weight
+//! space has no factored form, so for it each adapter is registered with
+//! its layer's W0 (`adapter_with_w0`): the optimizer adds the noise to W0's
+//! storage, which the layer's base `Linear` shares and reads, and removes
+//! it in the step (W0 comes back within rounding, one f32 rounding per
+//! step and element).
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{Linear, Optimizer};
 use mgpo_candle::{LoraLinear, MgpoOptimizer};
 
-use super::{check_batch, check_spec, Backend, EvalOut, Session, SessionSpec, StepOut};
+use super::{check_batch, check_spec, check_support, Backend, EvalOut, Session, SessionSpec, StepOut};
+use crate::method::needs_w0_in_place;
 use crate::error::Result;
 use crate::model::{BaseModel, LinearWeights, INPUT, LAYERS};
 use crate::rng::{derive, Rng};
@@ -51,8 +60,13 @@ impl Backend for CandleBackend {
         "candle"
     }
 
+    fn holds_w0_in_place(&self) -> bool {
+        true
+    }
+
     fn session(&self, spec: &SessionSpec) -> Result<Box<dyn Session>> {
         check_spec(spec)?;
+        check_support(self, &spec.config)?;
         let dev = Device::Cpu;
         let scale = spec.alpha / spec.rank as f64;
         let mut layers = Vec::with_capacity(LAYERS.len());
@@ -62,7 +76,15 @@ impl Backend for CandleBackend {
             let b = Var::zeros((lw.out, spec.rank), DType::F32, &dev)?;
             layers.push(LoraLinear::from_parts(linear(lw, &dev)?, name, a, b, scale, 0.0)?);
         }
-        let opt = MgpoOptimizer::for_lora(&layers, spec.config)?;
+        let opt = if needs_w0_in_place(&spec.config) {
+            let with_w0 = |b: mgpo_candle::MgpoBuilder, l: &LoraLinear| match l.adapter() {
+                Some(ad) => b.adapter_with_w0(&ad.name, &ad.a, &ad.b, l.base().weight(), ad.scale),
+                None => b,
+            };
+            layers.iter().fold(MgpoOptimizer::builder(spec.config), with_w0).build()?
+        } else {
+            MgpoOptimizer::for_lora(&layers, spec.config)?
+        };
         Ok(Box::new(CandleSession { layers, opt, dev }))
     }
 }

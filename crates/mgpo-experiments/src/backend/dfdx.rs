@@ -1,7 +1,9 @@
 //! The dfdx backend: the network as a tuple of [`mgpo_dfdx::LoraLinear`]
 //! modules and ReLUs, trained by [`mgpo_dfdx::MgpoOptimizer`], on the CPU in
 //! f32. dfdx fixes shapes at compile time, so the rank is a const generic:
-//! the supported ranks are [`RANKS`].
+//! the supported ranks are [`RANKS`]. Its layers take MGPO's weight-space
+//! perturbation in factored form only, so the Gaussian direction in weight
+//! space (`lora-random-weight`) is refused.
 
 use ::dfdx::nn::modules::ReLU;
 use ::dfdx::nn::{BuildModule, Module, ZeroGrads};
@@ -9,7 +11,7 @@ use ::dfdx::prelude::*;
 use mgpo_core::LoraConfig;
 use mgpo_dfdx::{LoraLinear, MgpoOptimizer};
 
-use super::{check_batch, check_spec, Backend, EvalOut, Session, SessionSpec, StepOut};
+use super::{check_batch, check_spec, check_support, Backend, EvalOut, Session, SessionSpec, StepOut};
 use crate::error::{Error, Result};
 use crate::model::{CLASSES, HIDDEN, INPUT};
 
@@ -38,6 +40,7 @@ impl Backend for DfdxBackend {
 
     fn session(&self, spec: &SessionSpec) -> Result<Box<dyn Session>> {
         check_spec(spec)?;
+        check_support(self, &spec.config)?;
         macro_rules! dispatch {
             ($($r:literal),*) => {
                 match spec.rank {

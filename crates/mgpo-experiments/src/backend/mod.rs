@@ -70,6 +70,26 @@ pub trait Session {
 pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     fn session(&self, spec: &SessionSpec) -> Result<Box<dyn Session>>;
+
+    /// Whether its layers can compute with a W0 the optimizer writes in
+    /// place, as the Gaussian direction in weight space needs
+    /// ([`crate::method::needs_w0_in_place`]).
+    fn holds_w0_in_place(&self) -> bool {
+        false
+    }
+}
+
+/// Refuses a configuration `backend` cannot run.
+pub fn check_support(backend: &dyn Backend, config: &Config) -> Result<()> {
+    if crate::method::needs_w0_in_place(config) && !backend.holds_w0_in_place() {
+        let can: Vec<&str> = names().into_iter().filter(|n| by_name(n).is_ok_and(|b| b.holds_w0_in_place())).collect();
+        return Err(Error::InvalidSpec(format!(
+            "the Gaussian direction in weight space (lora-random-weight) adds noise to W0 in place, which the {} backend's layers do not read; use {}",
+            backend.name(),
+            can.join(" or ")
+        )));
+    }
+    Ok(())
 }
 
 /// Names of the compiled-in backends, the default first.

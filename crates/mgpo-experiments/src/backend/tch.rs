@@ -1,11 +1,15 @@
 //! The tch (libtorch) backend: [`mgpo_tch::LoraLinear`] layers over the
 //! frozen base weights and [`mgpo_tch::MgpoOptimizer`], on the CPU in f32.
 //! Needs libtorch (`source scripts/setup-libtorch.sh`) and the `tch` feature.
+//! For the Gaussian direction in weight space each adapter is registered
+//! with its layer's W0 (`adapter_with_w0`), which the optimizer writes in
+//! place and the layer's base `Linear` reads, as in the candle backend.
 
 use ::tch::{nn, Device, Kind, Tensor};
 use mgpo_tch::{LoraLinear, MgpoOptimizer};
 
-use super::{check_batch, check_spec, Backend, EvalOut, Session, SessionSpec, StepOut};
+use super::{check_batch, check_spec, check_support, Backend, EvalOut, Session, SessionSpec, StepOut};
+use crate::method::needs_w0_in_place;
 use crate::error::{Error, Result};
 use crate::model::{INPUT, LAYERS};
 
@@ -42,8 +46,13 @@ impl Backend for TchBackend {
         "tch"
     }
 
+    fn holds_w0_in_place(&self) -> bool {
+        true
+    }
+
     fn session(&self, spec: &SessionSpec) -> Result<Box<dyn Session>> {
         check_spec(spec)?;
+        check_support(self, &spec.config)?;
         let scale = spec.alpha / spec.rank as f64;
         let mut layers = Vec::with_capacity(LAYERS.len());
         for (l, name) in LAYERS.iter().enumerate() {
@@ -54,7 +63,16 @@ impl Backend for TchBackend {
             let b = Tensor::f_zeros([out, r], (Kind::Float, Device::Cpu)).map_err(err)?.set_requires_grad(true);
             layers.push(LoraLinear::from_parts(base, name, a, b, scale, 0.0)?);
         }
-        let opt = MgpoOptimizer::for_lora(&layers, spec.config)?;
+        let opt = if needs_w0_in_place(&spec.config) {
+            let mut b = MgpoOptimizer::builder(spec.config);
+            for l in &layers {
+                let ad = l.adapter().ok_or_else(|| err("a layer without adapter"))?;
+                b = b.adapter_with_w0(ad.name(), ad.a(), ad.b(), &l.base().ws, ad.scale());
+            }
+            b.build()?
+        } else {
+            MgpoOptimizer::for_lora(&layers, spec.config)?
+        };
         Ok(Box::new(TchSession { layers, opt }))
     }
 }
