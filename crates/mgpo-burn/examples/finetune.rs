@@ -20,8 +20,8 @@ use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
-use mgpo_burn::{ndarray_device, LoraConfig, LoraLinear, MgpoOptimizer};
-use mgpo_core::{Config, WarmupCosine};
+use mgpo_burn::{ndarray_device, LoraLinear, MgpoOptimizer};
+use mgpo_core::{Config, LoraConfig, WarmupCosine};
 
 /// Deterministic values in [-scale, scale) (splitmix64), so every run is the
 /// same task.

@@ -16,7 +16,7 @@
 //! - **host kernels** (the default for f32 / f64 tensors of burn's ndarray
 //!   backend): each method is one fused pass over the tensors' own memory,
 //!   reached through burn's `extension` API ([`crate::host`]), with the
-//!   kernels of `mgpo_core::cpu` that mgpo-ndarray runs, in the same blocks
+//!   kernels of `mgpo_core::backend::cpu` that mgpo-ndarray runs, in the same blocks
 //!   of `cpu::BLOCK` elements (parallel above [`BurnBackend::par_threshold`],
 //!   partial sums added in block order): AdamW reads p, g, m, v once and
 //!   writes p, m, v once, returning sum m^2 from the same pass; `axpy`,
@@ -41,10 +41,11 @@
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 // Everything this backend takes from mgpo-core: the traits it implements,
 // their argument types and the shared CPU kernels.
-use mgpo_core::cpu::{self, BLOCK};
-use mgpo_core::lowrank::sum_of_products_sq;
-use mgpo_core::noise::axpy_noise_via_host;
-use mgpo_core::{materialise_is_cheaper, AdamWItem, AdamWStep, AxpyItem, FusedUpdate, HostIo, LowRank, MgpoError, Reduce, Result, Tensors};
+use mgpo_core::backend::cpu::{self, BLOCK};
+use mgpo_core::backend::lowrank::sum_of_products_sq;
+use mgpo_core::backend::noise::axpy_noise_via_host;
+use mgpo_core::backend::{materialise_is_cheaper, AdamWItem, AdamWStep, AxpyItem, FusedUpdate, HostIo, LowRank, Reduce, Tensors};
+use mgpo_core::{MgpoError, Result};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
@@ -304,7 +305,7 @@ fn sum_sq_ops(t: &BurnTensor) -> Result<f64> {
 }
 
 /// One AdamW step as a chain of tensor ops, in the order of
-/// [`mgpo_core::adamw_element`]; returns the new m.
+/// [`mgpo_core::backend::adamw_element`]; returns the new m.
 fn adamw_ops(p: &mut BurnTensor, g: &BurnTensor, m: &mut BurnTensor, v: &mut BurnTensor, k: &AdamWStep) -> Tensor<1> {
     let (p0, m0, v0) = (take(&mut p.flat), take(&mut m.flat), take(&mut v.flat));
     let g = g.flat.clone().mul_scalar(k.grad_scale);

@@ -16,8 +16,8 @@
 //! use burn::nn::LinearConfig;
 //! use burn::optim::GradientsParams;
 //! use burn::tensor::{Distribution, Tensor};
-//! use mgpo_burn::{ndarray_device, LoraConfig, LoraLinear, MgpoOptimizer};
-//! use mgpo_core::Config;
+//! use mgpo_burn::{ndarray_device, LoraLinear, MgpoOptimizer};
+//! use mgpo_core::{Config, LoraConfig};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let device = ndarray_device().clone().autodiff();
@@ -59,6 +59,18 @@
 //!   kernel per op unless burn's `fusion` decorator fuses them: AdamW about
 //!   a dozen element-wise passes, `axpy` two, `add_low_rank` one out x in
 //!   temporary.
+//!
+//! Which `TensorOps` methods cannot be one fused pass in burn, and why: on
+//! the ndarray backend none (all are in-place host kernels). On every
+//! other backend, `adamw`/`adamw_many` (about 12 passes), `axpy`/`axpy_many`
+//! (2), `axpy_noise` (the noise drawn on the host, uploaded, then `axpy`),
+//! `add_low_rank` (a matrix product into an out x in temporary, then an
+//! add), `sum_sq`/`all_finite` (a cast to f64 and a reduction) and
+//! `gram_cols`/`gram_rows` (a cast and a matrix product): a burn tensor is
+//! a value, and a custom fused kernel needs a backend extension written
+//! for each burn backend (CubeCL, LibTorch, ...), which burn's public API
+//! does not give generically; only burn's `fusion` decorator can merge the
+//! element-wise chains into one kernel.
 
 pub mod backend;
 mod host;
@@ -67,7 +79,7 @@ mod optim;
 
 pub use backend::{BurnBackend, BurnTensor};
 pub use host::ndarray_device;
-pub use lora::{FactoredPerturbation, LoraConfig, LoraLinear, PerturbationSlot};
+pub use lora::LoraLinear;
 pub use optim::{Failed, MgpoBuilder, MgpoOptimizer};
 
 /// The burn backend on burn's ndarray device (CPU) in f32.

@@ -1,12 +1,13 @@
-//! A LoRA linear layer for burn, as peft's `lora.Linear`:
+//! A LoRA linear layer for burn, as peft's `lora.Linear`, configured by the
+//! [`mgpo_core::LoraConfig`] that every framework's layer takes:
 //!
 //! ```text
-//! y = base(x) + s * B (A (dropout(x)))        s = alpha / r   (rsLoRA: alpha / sqrt(r))
+//! y = base(x) + s * B (A (dropout(x)))        s = lora_scale(alpha, r, rslora)
 //! ```
 //!
 //! with the base layer (burn's `Linear`, W0 and its bias) frozen, A (r x in)
-//! drawn Kaiming-uniform with a = sqrt(5) (peft's `reset_lora_parameters`:
-//! U(-1/sqrt(in), 1/sqrt(in))), B (out x r) zero, so a fresh adapter leaves
+//! drawn as peft's `reset_lora_parameters` ([`LoraInit`]: Kaiming-uniform
+//! with a = sqrt(5), U(-1/sqrt(in), 1/sqrt(in)), or N(0, 1/r^2)), B (out x r) zero, so a fresh adapter leaves
 //! the base output unchanged, and dropout on the adapter input only, in
 //! training only (burn's `Dropout`: on an autodiff device with the training
 //! flag set). A and B have peft's layout (A r x in, B out x r, where burn's
@@ -22,9 +23,9 @@
 //!
 //! In MGPO's `weight` space the optimizer perturbs W0 by
 //! eps = coef (m_B A + B m_A). This layer never writes W0: while the
-//! optimizer holds a perturbation it publishes it in the layer's
-//! [`PerturbationSlot`] and the forward pass adds the same term in factored
-//! form,
+//! optimizer holds a perturbation it leaves it with the layer
+//! ([`LoraLinear::perturbation`]) and the forward pass adds the same term
+//! in factored form,
 //!
 //! ```text
 //! y += coef * (m_B (A' x) + B' (m_A x))       A', B' = A, B detached
@@ -40,81 +41,22 @@ use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig, Linear};
 use burn::tensor::module::linear;
 use burn::tensor::{Distribution, Tensor};
-use mgpo_core::{MgpoError, Result};
+use mgpo_core::{FactoredPerturbation, LoraConfig, LoraInit, MgpoError, Result};
 
-/// Rank, scaling and dropout of an adapter, as peft's `LoraConfig`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LoraConfig {
-    /// r: the inner dimension of B A.
-    pub rank: usize,
-    /// alpha in s = alpha / r.
-    pub alpha: f64,
-    /// Dropout probability on the adapter input, in [0, 1).
-    pub dropout: f64,
-    /// rsLoRA: s = alpha / sqrt(r) instead of alpha / r.
-    pub rslora: bool,
-}
-
-impl Default for LoraConfig {
-    fn default() -> Self {
-        LoraConfig { rank: 8, alpha: 16.0, dropout: 0.0, rslora: false }
-    }
-}
-
-impl LoraConfig {
-    pub fn new(rank: usize, alpha: f64) -> Self {
-        LoraConfig { rank, alpha, ..Default::default() }
-    }
-
-    /// s = alpha / r, or alpha / sqrt(r) with rsLoRA.
-    pub fn scale(&self) -> f64 {
-        let r = self.rank as f64;
-        if self.rslora {
-            self.alpha / r.sqrt()
-        } else {
-            self.alpha / r
-        }
-    }
-
-    /// Rank >= 1, finite alpha, dropout in [0, 1).
-    pub fn validate(&self) -> Result<()> {
-        let bad = |field, value: String, reason| Err(MgpoError::InvalidConfig { field, value, reason });
-        if self.rank == 0 {
-            return bad("lora.rank", "0".into(), "must be at least 1");
-        }
-        if !self.alpha.is_finite() {
-            return bad("lora.alpha", self.alpha.to_string(), "must be finite");
-        }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return bad("lora.dropout", self.dropout.to_string(), "must be in [0, 1)");
-        }
-        Ok(())
-    }
-}
-
-/// A weight-space perturbation in factored form: the layer adds
-/// `coef * (m_b (A x) + B (m_a x))`. `m_b` (out x r) and `m_a` (r x in) are
-/// the optimizer's first moments (handles on its memory, dropped at `step`).
-#[derive(Debug, Clone)]
-pub struct FactoredPerturbation {
-    pub coef: f64,
-    pub m_b: Tensor<2>,
-    pub m_a: Tensor<2>,
-}
-
-/// Where the optimizer publishes a layer's weight-space perturbation;
-/// shared by the layer, its clones and the optimizer. Empty whenever the
-/// parameters are clean.
+/// Where the optimizer leaves a layer's factored perturbation; shared by
+/// the layer, its clones (burn moves and clones modules freely) and the
+/// optimizer; empty whenever the parameters are clean. This is
+/// `mgpo_core::PerturbationSlot` but for its setter, which the core keeps
+/// to itself.
 #[derive(Debug, Clone, Default)]
-pub struct PerturbationSlot(Arc<Mutex<Option<FactoredPerturbation>>>);
+pub(crate) struct Slot(Arc<Mutex<Option<FactoredPerturbation<Tensor<2>>>>>);
 
-impl PerturbationSlot {
-    /// The perturbation now applied, if any.
-    pub fn get(&self) -> Option<FactoredPerturbation> {
+impl Slot {
+    pub(crate) fn get(&self) -> Option<FactoredPerturbation<Tensor<2>>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub(crate) fn set(&self, p: Option<FactoredPerturbation>) {
+    pub(crate) fn set(&self, p: Option<FactoredPerturbation<Tensor<2>>>) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = p;
     }
 }
@@ -124,32 +66,40 @@ impl PerturbationSlot {
 /// `lora_b` (out x r).
 #[derive(Module, Debug)]
 pub struct LoraLinear {
+    /// The frozen base layer: W0 (in x out, burn's layout) and its bias.
     pub base: Linear,
     /// A, r x in.
     pub lora_a: Param<Tensor<2>>,
     /// B, out x r.
     pub lora_b: Param<Tensor<2>>,
+    /// Dropout on the adapter's input, active in training only.
     pub dropout: Dropout,
     /// While merged: the layer with weight W0 + s (B A)^T, frozen.
     pub merged: Option<Linear>,
     #[module(skip)]
     scale: f64,
     #[module(skip)]
-    slot: PerturbationSlot,
+    slot: Slot,
 }
 
 impl LoraLinear {
-    /// Wraps `base` (frozen here) with a new adapter of `cfg`: A
-    /// Kaiming-uniform (a = sqrt 5), B zero, in W0's dtype and device.
+    /// Wraps `base` (frozen here) with a new adapter of `cfg`: A as
+    /// [`LoraInit`] says, B zero, in W0's dtype and device.
     pub fn new(base: Linear, cfg: &LoraConfig) -> Result<Self> {
         cfg.validate()?;
         let w = base.weight.val();
         let [inp, out] = w.dims();
         let (device, dtype) = (w.device(), w.dtype());
-        // kaiming_uniform_(a = sqrt 5): gain sqrt(2 / (1 + 5)), bound
-        // gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
-        let bound = 1.0 / (inp.max(1) as f64).sqrt();
-        let a = Tensor::<2>::random([cfg.rank, inp], Distribution::Uniform(-bound, bound), (&device, dtype));
+        let dist = match cfg.init {
+            // kaiming_uniform_(a = sqrt 5): gain sqrt(2 / (1 + 5)), bound
+            // gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
+            LoraInit::Kaiming => {
+                let bound = 1.0 / (inp.max(1) as f64).sqrt();
+                Distribution::Uniform(-bound, bound)
+            }
+            LoraInit::Gaussian => Distribution::Normal(0.0, 1.0 / cfg.rank as f64),
+        };
+        let a = Tensor::<2>::random([cfg.rank, inp], dist, (&device, dtype));
         let b = Tensor::<2>::zeros([out, cfg.rank], (&device, dtype));
         Self::assemble(base, a, b, cfg.scale(), cfg.dropout)
     }
@@ -168,7 +118,7 @@ impl LoraLinear {
         if !scale.is_finite() {
             return Err(MgpoError::InvalidConfig { field: "lora.scale", value: scale.to_string(), reason: "must be finite" });
         }
-        LoraConfig { rank: r, alpha: 1.0, dropout, rslora: false }.validate()?;
+        LoraConfig::new(r, 1.0).dropout(dropout).validate()?;
         Self::assemble(base, a, b, scale, dropout)
     }
 
@@ -180,7 +130,7 @@ impl LoraLinear {
             dropout: DropoutConfig::new(dropout).init(),
             merged: None,
             scale,
-            slot: PerturbationSlot::default(),
+            slot: Slot::default(),
         })
     }
 
@@ -189,12 +139,18 @@ impl LoraLinear {
         self.scale
     }
 
+    /// r, the rows of A.
     pub fn rank(&self) -> usize {
         self.lora_a.val().dims()[0]
     }
 
-    /// Where the optimizer publishes this layer's weight-space perturbation.
-    pub fn slot(&self) -> &PerturbationSlot {
+    /// The factored weight-space perturbation the forward pass now adds
+    /// (between the optimizer's `perturb` and `step`, in `weight` space).
+    pub fn perturbation(&self) -> Option<FactoredPerturbation<Tensor<2>>> {
+        self.slot.get()
+    }
+
+    pub(crate) fn slot(&self) -> &Slot {
         &self.slot
     }
 
@@ -238,6 +194,7 @@ impl LoraLinear {
         self.merged = None;
     }
 
+    /// Whether the forward pass runs the merged layer.
     pub fn is_merged(&self) -> bool {
         self.merged.is_some()
     }

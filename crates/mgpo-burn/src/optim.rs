@@ -1,9 +1,13 @@
-//! [`MgpoOptimizer`]: LoRA-MGPO as a burn module optimizer.
+//! [`MgpoOptimizer`]: LoRA-MGPO as a burn module optimizer, the same
+//! builder, names and accessors as the candle, tch and dfdx wrappers:
 //!
 //! ```text
-//! model = opt.perturb(model)?;                        // theta <- theta + eps_t (before the forward pass)
-//! let grads = GradientsParams::from_grads(loss.backward(), &model);
-//! model = opt.step(lr, model, grads)?;                // remove eps_t, AdamW
+//! let mut opt = MgpoOptimizer::builder(config).lora(&model.q).param_group_where(ParamGroup::no_decay(), is_bias_or_norm).build(&model)?;
+//! loop {
+//!     model = opt.perturb(model)?;                       // theta <- theta + eps_t (before the forward pass)
+//!     let grads = GradientsParams::from_grads(loss.backward(), &model);
+//!     model = opt.step(lr, model, grads)?;               // remove eps_t, AdamW
+//! }
 //! ```
 //!
 //! burn 0.22's `Optimizer` trait is per tensor (`step(lr, tensor, grad,
@@ -14,35 +18,41 @@
 //! standalone optimizer with `ModuleOptimizer`'s shape: `step(lr, module,
 //! GradientsParams) -> module`, the module moved through it as a value,
 //! parameters matched by [`ParamId`] and named by their module path (the
-//! names of checkpoints). Its record is mgpo-core's checkpoint format
-//! (safetensors), so a checkpoint moves between burn and the other
-//! frameworks; burn's burnpack `OptimizerRecord` keys state by `ParamId`
-//! and rank only and could not.
+//! names of checkpoints, of parameter groups and of errors). Its record is
+//! mgpo-core's checkpoint (`save_checkpoint` / `load_checkpoint`, through
+//! `Deref`), so a checkpoint moves between burn and the other frameworks;
+//! burn's `OptimizerRecord` keys state by `ParamId` and rank only and
+//! could not.
+//!
+//! Gradient accumulation is burn's own: perturb once, sum the k
+//! micro-batches' gradients (each loss divided by k) with
+//! `burn::optim::GradientsAccumulator` at the perturbed point, step once.
 //!
 //! Each call takes the registered parameters out of the module (a
 //! zero-element tensor holds each place meanwhile), so the optimizer holds
 //! the only handle on their memory and the host kernels update them in
 //! place; it puts them back with their autodiff state (gradient
 //! requirement, checkpointing strategy) as burn's optimizers do.
-//!
-//! Every call into `mgpo_core::Mgpo` is in this module.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::ops::{Deref, DerefMut};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{FloatDType, GradientCheckpointingStrategy, Tensor};
-use mgpo_core::{Config, Layout, LayoutBuilder, MgpoError, NoFrozen, Result, State, StepReport};
+use mgpo_core::{Config, FactoredPerturbation, Layout, LayoutBuilder, Mgpo, MgpoError, ParamGroup, Result};
 
 use crate::backend::{BurnBackend, BurnTensor};
-use crate::lora::{FactoredPerturbation, LoraLinear, PerturbationSlot};
+use crate::lora::{LoraLinear, Slot};
 
 /// A call that failed, with the module it was given, back as it was
-/// (parameters clean, optimizer state as before the call).
+/// (parameters clean, optimizer state as before the call): burn moves
+/// modules by value, so an error must hand the module back.
 #[derive(Debug)]
 pub struct Failed<M> {
+    /// The module, clean.
     pub module: M,
+    /// Why the call failed.
     pub error: MgpoError,
 }
 
@@ -70,14 +80,15 @@ struct AdapterReg {
     a: ParamId,
     b: ParamId,
     scale: f64,
-    slot: Option<PerturbationSlot>,
+    slot: Option<Slot>,
 }
 
-/// Registers adapters; [`MgpoBuilder::build`] finds every trainable
-/// parameter of the module. See [`MgpoOptimizer::builder`].
+/// Registers adapters and parameter groups; [`MgpoBuilder::build`] finds
+/// every trainable parameter of the module. See [`MgpoOptimizer::builder`].
 #[derive(Debug)]
 pub struct MgpoBuilder {
     config: Config,
+    layout: LayoutBuilder,
     adapters: Vec<AdapterReg>,
     backend: Option<BurnBackend>,
 }
@@ -100,6 +111,23 @@ impl MgpoBuilder {
     /// perturbation read from [`MgpoOptimizer::weight_perturbation`].
     pub fn adapter(mut self, a: &Param<Tensor<2>>, b: &Param<Tensor<2>>, scale: f64) -> Self {
         self.adapters.push(AdapterReg { a: a.id, b: b.id, scale, slot: None });
+        self
+    }
+
+    /// A parameter group (its own learning-rate multiplier and weight decay)
+    /// of the named tensors (module paths: `{adapter}.a`, `{adapter}.b`,
+    /// `head.bias`).
+    pub fn param_group(mut self, group: ParamGroup, tensors: &[&str]) -> Self {
+        self.layout = self.layout.param_group(group, tensors);
+        self
+    }
+
+    /// A parameter group of the tensors whose names satisfy `pred`, e.g.
+    /// `param_group_where(ParamGroup::no_decay(), mgpo_core::is_bias_or_norm)`
+    /// (burn's `LayerNorm` parameters are `{path}.gamma` and `{path}.beta`
+    /// under a field whose name the predicate must then recognise).
+    pub fn param_group_where(mut self, group: ParamGroup, pred: impl Fn(&str) -> bool + Send + Sync + 'static) -> Self {
+        self.layout = self.layout.param_group_where(group, pred);
         self
     }
 
@@ -132,7 +160,7 @@ impl MgpoBuilder {
                 }
             }
         }
-        let mut layout = Layout::builder();
+        let mut layout = self.layout;
         let mut ids = Vec::new();
         let mut slots = Vec::new();
         let mut pushed = vec![false; self.adapters.len()];
@@ -143,8 +171,8 @@ impl MgpoBuilder {
                     pushed[k] = true;
                     let ad = &self.adapters[k];
                     let (a, b) = (trainable[find(ad.a).unwrap_or(0)], trainable[find(ad.b).unwrap_or(0)]);
-                    let name = a.path.strip_suffix(".lora_a").or_else(|| a.path.rsplit_once('.').map(|x| x.0)).unwrap_or(&a.path).to_string();
-                    layout = add_adapter(layout, &name, ad.scale, a, b);
+                    let name = a.path.strip_suffix(".lora_a").or_else(|| a.path.rsplit_once('.').map(|x| x.0)).unwrap_or(&a.path);
+                    layout = layout.adapter_scaled(name, ad.scale, &a.shape, &b.shape, false);
                     ids.extend([ad.a, ad.b]);
                     slots.push(ad.slot.clone());
                 }
@@ -160,14 +188,11 @@ impl MgpoBuilder {
             return Err(MgpoError::Backend(format!("all trainable parameters must share one dtype: {} is {:?}, {} is {:?}", first.path, first.dtype, s.path, s.dtype)));
         }
         let backend = self.backend.unwrap_or_else(|| BurnBackend::new(first.device.clone(), first.dtype));
-        let mgpo = mgpo_core::Mgpo::new(backend, self.config, layout)?;
+        let names = layout.names().map(str::to_string).collect();
+        let mgpo = Mgpo::new(backend, self.config, layout)?;
         let index = ids.iter().enumerate().map(|(i, &id)| (id, i)).collect();
-        Ok(MgpoOptimizer { mgpo, ids, index, slots, last_report: None })
+        Ok(MgpoOptimizer { mgpo, ids, names, index, slots })
     }
-}
-
-fn add_adapter(layout: LayoutBuilder, name: &str, scale: f64, a: &Seen, b: &Seen) -> LayoutBuilder {
-    layout.adapter_scaled(name, scale, &a.shape, &b.shape, false)
 }
 
 /// A float parameter met by [`Collect`].
@@ -284,26 +309,40 @@ impl ModuleMapper for PutBack<'_> {
 }
 
 /// LoRA-MGPO over a burn module. Build it with [`MgpoOptimizer::builder`]
-/// (`.lora(&layer)` per adapter, then `.build(&model)`) or, with every
-/// trainable parameter a plain tensor, [`MgpoOptimizer::new`].
+/// (`.lora(&layer)` per adapter, parameter groups, then `.build(&model)`)
+/// or, with every trainable parameter a plain tensor, [`MgpoOptimizer::new`].
+///
+/// Dereferences to its [`Mgpo`]: `lr`, `set_lr` (validated at once),
+/// `config`, `layout`, `state`, `last_report`, `is_perturbed`,
+/// `save_checkpoint`, `load_checkpoint` are the core's, the same in every
+/// framework.
 pub struct MgpoOptimizer {
-    mgpo: mgpo_core::Mgpo<BurnBackend>,
+    mgpo: Mgpo<BurnBackend>,
     /// The trainable parameters, in layout order.
     ids: Vec<ParamId>,
+    /// Their layout names, which the core checks on every call.
+    names: Vec<String>,
     index: HashMap<ParamId, usize>,
     /// Per adapter: where its layer reads the factored weight-space perturbation.
-    slots: Vec<Option<PerturbationSlot>>,
-    last_report: Option<StepReport>,
+    slots: Vec<Option<Slot>>,
 }
 
 impl std::fmt::Debug for MgpoOptimizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MgpoOptimizer")
-            .field("config", self.mgpo.config())
-            .field("layout", self.mgpo.layout())
-            .field("step", &self.mgpo.state().step)
-            .field("perturbed", &self.mgpo.is_perturbed())
-            .finish()
+        f.debug_struct("MgpoOptimizer").field("config", self.config()).field("layout", self.layout()).field("step", &self.state().step).field("perturbed", &self.is_perturbed()).finish()
+    }
+}
+
+impl Deref for MgpoOptimizer {
+    type Target = Mgpo<BurnBackend>;
+    fn deref(&self) -> &Mgpo<BurnBackend> {
+        &self.mgpo
+    }
+}
+
+impl DerefMut for MgpoOptimizer {
+    fn deref_mut(&mut self) -> &mut Mgpo<BurnBackend> {
+        &mut self.mgpo
     }
 }
 
@@ -314,14 +353,20 @@ struct Taken {
     grads: Vec<Option<BurnTensor>>,
 }
 
+/// `values` paired with their layout names, as the core takes them.
+fn named<'a, T>(names: &'a [String], values: Vec<T>) -> Vec<(&'a str, T)> {
+    names.iter().map(String::as_str).zip(values).collect()
+}
+
 impl MgpoOptimizer {
+    /// Starts registering adapters and parameter groups.
     pub fn builder(config: Config) -> MgpoBuilder {
-        MgpoBuilder { config, adapters: Vec::new(), backend: None }
+        MgpoBuilder { config, layout: Layout::builder(), adapters: Vec::new(), backend: None }
     }
 
     /// Every trainable parameter of `module` as a plain tensor (no
     /// adapters: adapter space only, or plain AdamW with `Config::adamw`).
-    pub fn new<M: Module>(config: Config, module: &M) -> Result<Self> {
+    pub fn new<M: Module>(module: &M, config: Config) -> Result<Self> {
         Self::builder(config).build(module)
     }
 
@@ -334,7 +379,7 @@ impl MgpoOptimizer {
         let module = module.map(&mut t);
         let grads = t.grads.map(|g| g.1).unwrap_or_default();
         if let Some(i) = t.params.iter().position(Option::is_none) {
-            let error = MgpoError::UnknownName(format!("{} (parameter {}) is not in the module", self.mgpo.layout().tensors()[i].name, self.ids[i]));
+            let error = MgpoError::UnknownName(format!("{} (parameter {}) is not in the module", self.names[i], self.ids[i]));
             let module = module.map(&mut PutBack { index: &self.index, values: t.params });
             return Err(Failed { module, error });
         }
@@ -342,18 +387,21 @@ impl MgpoOptimizer {
         Ok((module, Taken { params, ctx, grads }))
     }
 
-    fn put_back<M: Module>(&self, module: M, params: Vec<BurnTensor>, ctx: Vec<Context>) -> M {
-        module.map(&mut PutBack { index: &self.index, values: params.into_iter().zip(ctx).map(Some).collect() })
+    fn put_back<M: Module>(&self, module: M, tensors: Vec<(&str, BurnTensor)>, ctx: Vec<Context>) -> M {
+        let values = tensors.into_iter().zip(ctx).map(|((_, t), c)| Some((t, c))).collect();
+        module.map(&mut PutBack { index: &self.index, values })
     }
 
     /// Adds the perturbation eps_t computed from the previous step's
-    /// momentum (SPEC step 1); call before the forward pass. Adapter space:
-    /// the parameters move; weight space: each [`LoraLinear`] registered
-    /// with [`MgpoBuilder::lora`] adds it in factored form, W0 untouched.
+    /// momentum (docs/spec.md, step 1); call before the forward pass.
+    /// Adapter space: the parameters move; weight space: each
+    /// [`LoraLinear`] registered with [`MgpoBuilder::lora`] adds it in
+    /// factored form, W0 untouched.
     pub fn perturb<M: Module>(&mut self, module: M) -> std::result::Result<M, Failed<M>> {
-        let (module, Taken { mut params, ctx, .. }) = self.take_out(module, None)?;
-        let r = self.mgpo.perturb(&mut params, &mut NoFrozen);
-        let module = self.put_back(module, params, ctx);
+        let (module, Taken { params, ctx, .. }) = self.take_out(module, None)?;
+        let mut tensors = named(&self.names, params);
+        let r = self.mgpo.perturb(&mut tensors);
+        let module = self.put_back(module, tensors, ctx);
         match r {
             Ok(()) => {
                 self.publish();
@@ -364,26 +412,28 @@ impl MgpoOptimizer {
     }
 
     /// Removes the perturbation and, unless a gradient is non-finite, runs
-    /// the step (SPEC step 3) at learning rate `lr` with `grads`, taken at
-    /// the perturbed point. Every registered parameter needs a gradient.
-    /// On an error the parameters come back clean and the state as before;
-    /// a module that lacks a registered parameter is refused before
-    /// anything changes (the optimizer stays perturbed until `step` or
-    /// `unperturb` get the module it perturbed).
+    /// the step (docs/spec.md, step 3) at learning rate `lr` (as burn's
+    /// optimizers take it; it becomes [`Mgpo::lr`]) with `grads`, taken at
+    /// the perturbed point. A registered parameter without a gradient is
+    /// [`MgpoError::MissingGradient`] naming it. On any error the
+    /// parameters come back clean and the state as before; a module that
+    /// lacks a registered parameter is refused before anything changes
+    /// (the optimizer stays perturbed until `step` or `unperturb` get the
+    /// module it perturbed).
     pub fn step<M: Module>(&mut self, lr: f64, module: M, mut grads: GradientsParams) -> std::result::Result<M, Failed<M>> {
-        let (module, Taken { mut params, ctx, grads }) = self.take_out(module, Some(&mut grads))?;
+        let (module, Taken { params, ctx, grads }) = self.take_out(module, Some(&mut grads))?;
+        // Dropping the layers' handles on m first lets AdamW write m in place.
         self.clear_slots();
-        let r = self.mgpo.set_lr(lr).and_then(|()| self.mgpo.step(&mut params, &mut NoFrozen, &grads));
+        let mut tensors = named(&self.names, params);
+        let grads = named(&self.names, grads);
+        let r = self.mgpo.set_lr(lr).and_then(|()| self.mgpo.step(&mut tensors, &grads));
         let r = match r {
-            Err(e) if self.mgpo.is_perturbed() => self.mgpo.unperturb(&mut params, &mut NoFrozen).and(Err(e)),
+            Err(e) if self.mgpo.is_perturbed() => self.mgpo.unperturb(&mut tensors).and(Err(e)),
             r => r,
         };
-        let module = self.put_back(module, params, ctx);
+        let module = self.put_back(module, tensors, ctx);
         match r {
-            Ok(rep) => {
-                self.last_report = Some(rep);
-                Ok(module)
-            }
+            Ok(_) => Ok(module),
             Err(error) => Err(Failed { module, error }),
         }
     }
@@ -391,10 +441,11 @@ impl MgpoOptimizer {
     /// Removes the perturbation without a step (to evaluate, or to abandon
     /// a step whose backward pass failed).
     pub fn unperturb<M: Module>(&mut self, module: M) -> std::result::Result<M, Failed<M>> {
-        let (module, Taken { mut params, ctx, .. }) = self.take_out(module, None)?;
+        let (module, Taken { params, ctx, .. }) = self.take_out(module, None)?;
         self.clear_slots();
-        let r = self.mgpo.unperturb(&mut params, &mut NoFrozen);
-        let module = self.put_back(module, params, ctx);
+        let mut tensors = named(&self.names, params);
+        let r = self.mgpo.unperturb(&mut tensors);
+        let module = self.put_back(module, tensors, ctx);
         match r {
             Ok(()) => Ok(module),
             Err(error) => Err(Failed { module, error }),
@@ -417,7 +468,7 @@ impl MgpoOptimizer {
         }
     }
 
-    fn weight_perturbation_at(&self, i: usize) -> Option<FactoredPerturbation> {
+    fn weight_perturbation_at(&self, i: usize) -> Option<FactoredPerturbation<Tensor<2>>> {
         let w = self.mgpo.weight_perturbation(i)?;
         let (m_b, m_a) = (w.m_b.clone().into_tensor::<2>().ok()?, w.m_a.clone().into_tensor::<2>().ok()?);
         Some(FactoredPerturbation { coef: w.coef, m_b, m_a })
@@ -428,73 +479,12 @@ impl MgpoOptimizer {
     /// forward pass must add `coef * (m_b (A x) + B (m_a x))` with A, B
     /// detached. [`LoraLinear`] layers registered with
     /// [`MgpoBuilder::lora`] do so themselves.
-    pub fn weight_perturbation(&self, name: &str) -> Result<Option<FactoredPerturbation>> {
+    pub fn weight_perturbation(&self, name: &str) -> Result<Option<FactoredPerturbation<Tensor<2>>>> {
         Ok(self.weight_perturbation_at(self.mgpo.layout().adapter_index(name)?))
-    }
-
-    /// The learning rate `step` was last given.
-    pub fn lr(&self) -> f64 {
-        self.mgpo.lr()
-    }
-
-    /// The report of the last successful step.
-    pub fn last_report(&self) -> Option<&StepReport> {
-        self.last_report.as_ref()
-    }
-
-    pub fn config(&self) -> &Config {
-        self.mgpo.config()
-    }
-
-    /// Names and shapes of the trainable tensors, in the order of [`MgpoOptimizer::param_ids`].
-    pub fn layout(&self) -> &Layout {
-        self.mgpo.layout()
     }
 
     /// The parameters the optimizer updates, in layout order.
     pub fn param_ids(&self) -> &[ParamId] {
         &self.ids
-    }
-
-    pub fn is_perturbed(&self) -> bool {
-        self.mgpo.is_perturbed()
-    }
-
-    /// The optimizer state (m, v per tensor, g_bar per group, step counts).
-    pub fn state(&self) -> &State<BurnTensor> {
-        self.mgpo.state()
-    }
-
-    /// Restores a saved state (see `mgpo_core::Mgpo::set_state`).
-    pub fn set_state(&mut self, state: State<BurnTensor>) -> Result<()> {
-        self.mgpo.set_state(state)
-    }
-
-    /// The optimizer's record: mgpo-core's checkpoint (m, v by tensor name,
-    /// g_bar, step counts, configuration and layout), as bytes. Refused
-    /// while perturbed. The module itself is burn's to save.
-    pub fn checkpoint_bytes(&self) -> Result<Vec<u8>> {
-        self.mgpo.checkpoint_bytes()
-    }
-
-    /// Loads a checkpoint written by any backend's optimizer for the same
-    /// names and shapes; on any error nothing changes.
-    pub fn load_checkpoint_bytes(&mut self, bytes: &[u8]) -> Result<()> {
-        self.mgpo.load_checkpoint_bytes(bytes)
-    }
-
-    /// [`MgpoOptimizer::checkpoint_bytes`] written to `path` atomically.
-    pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
-        self.mgpo.save_checkpoint(path)
-    }
-
-    /// [`MgpoOptimizer::load_checkpoint_bytes`] from a file.
-    pub fn load_checkpoint(&mut self, path: impl AsRef<Path>) -> Result<()> {
-        self.mgpo.load_checkpoint(path)
-    }
-
-    /// The underlying optimizer.
-    pub fn inner(&self) -> &mgpo_core::Mgpo<BurnBackend> {
-        &self.mgpo
     }
 }

@@ -6,8 +6,8 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Distribution, Tensor};
-use mgpo_burn::{ndarray_device, LoraConfig, LoraLinear, MgpoOptimizer};
-use mgpo_core::{Config, MgpoError};
+use mgpo_burn::{ndarray_device, LoraLinear, MgpoOptimizer};
+use mgpo_core::{Config, LoraConfig, MgpoError};
 
 fn device() -> Device {
     ndarray_device().clone().autodiff()
@@ -100,7 +100,7 @@ fn weight_space_perturbation_is_factored_and_w0_is_never_written() {
     let target = Tensor::<2>::random([7, 5], Distribution::Normal(0.0, 1.0), (&d, DType::F64));
     for k in 0..4 {
         layer = opt.perturb(layer).unwrap();
-        let p = layer.slot().get();
+        let p = layer.perturbation();
         assert_eq!(p.is_some(), k > 0, "a perturbation exists from the second step on");
         if let Some(p) = p {
             // W0 + eps in burn's in x out layout: W0^T + coef (m_B A + B m_A)^T.
@@ -113,7 +113,7 @@ fn weight_space_perturbation_is_factored_and_w0_is_never_written() {
         let loss = (layer.forward(x.clone()) - target.clone()).square().mean();
         let g = GradientsParams::from_grads(loss.backward(), &layer);
         layer = opt.step(1e-2, layer, g).unwrap();
-        assert!(layer.slot().get().is_none(), "the slot is emptied by step");
+        assert!(layer.perturbation().is_none(), "the slot is emptied by step");
         assert_eq!(host(layer.base.weight.val()), w0);
     }
 }

@@ -9,10 +9,11 @@
 use burn::backend::NdArray;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::GradientsParams;
+use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use mgpo_burn::{ndarray_device, LoraConfig, LoraLinear, MgpoOptimizer};
-use mgpo_core::{Config, MgpoError, NoFrozen};
+use mgpo_burn::{ndarray_device, LoraLinear, MgpoOptimizer};
+use mgpo_core::backend::HostIo;
+use mgpo_core::{is_bias_or_norm, CheckpointError, Config, Layout, LoraConfig, Mgpo, MgpoError, ParamGroup};
 use mgpo_ndarray::NdBackend;
 use ndarray::{ArrayD, IxDyn};
 
@@ -27,16 +28,33 @@ fn device() -> Device {
     ndarray_device().clone().autodiff()
 }
 
-/// A small f64 model: two adapters (B non-zero, so the weight-space
-/// direction is) and a trainable head.
+impl Net {
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.head.forward(self.v.forward(self.q.forward(x)))
+    }
+}
+
+/// Two adapters of one shape: only their identity tells them apart.
+#[derive(Module, Debug)]
+struct Twin {
+    q: LoraLinear,
+    v: LoraLinear,
+}
+
+/// An f64 linear layer on the autodiff device.
+fn lin(i: usize, o: usize) -> Linear {
+    LinearConfig::new(i, o).init(&device()).map(&mut CastF64)
+}
+
+/// An f64 LoRA layer with B non-zero (so the weight-space direction is).
+fn lora(i: usize, o: usize, r: usize) -> LoraLinear {
+    let mut l = LoraLinear::new(lin(i, o), &LoraConfig::new(r, 2.0 * r as f64)).unwrap();
+    l.lora_b = Param::from_tensor(Tensor::<2>::ones([o, r], (&device(), DType::F64)).mul_scalar(0.1));
+    l
+}
+
+/// A small f64 model: two adapters and a trainable head.
 fn net() -> Net {
-    let d = device();
-    let lin = |i, o| LinearConfig::new(i, o).init(&d).map(&mut CastF64);
-    let lora = |i, o, r| {
-        let mut l = LoraLinear::new(lin(i, o), &LoraConfig::new(r, 2.0 * r as f64)).unwrap();
-        l.lora_b = Param::from_tensor(Tensor::<2>::ones([o, r], (&d, DType::F64)).mul_scalar(0.1));
-        l
-    };
     Net { q: lora(5, 4, 2), v: lora(4, 3, 1), head: lin(3, 2) }
 }
 
@@ -119,21 +137,27 @@ fn burn_opt(config: Config, m: &Net) -> MgpoOptimizer {
     MgpoOptimizer::builder(config).lora(&m.q).lora(&m.v).build(m).unwrap()
 }
 
-fn burn_step(opt: &mut MgpoOptimizer, m: Net, step: usize) -> Net {
+fn burn_step<M: Module>(opt: &mut MgpoOptimizer, m: M, step: usize) -> M {
     let m = opt.perturb(m).unwrap();
     let g = grads_for(&m, &opt.param_ids().to_vec(), step);
     opt.step(1e-2, m, g).unwrap()
 }
 
-fn nd_step(opt: &mut mgpo_ndarray::Mgpo<f64>, p: &mut Vec<ArrayD<f64>>, step: usize) {
+type NdMgpo = Mgpo<NdBackend<f64>>;
+
+fn nd_step(opt: &mut NdMgpo, p: &mut Vec<(String, ArrayD<f64>)>, step: usize) {
     opt.set_lr(1e-2).unwrap();
-    opt.perturb(p, &mut NoFrozen).unwrap();
-    let g: Vec<ArrayD<f64>> = p.iter().enumerate().map(|(i, x)| ArrayD::from_shape_vec(IxDyn(x.shape()), grad(step, i, x.len())).unwrap()).collect();
-    opt.step(p, &mut NoFrozen, &g).unwrap();
+    opt.perturb(p).unwrap();
+    let g: Vec<(String, ArrayD<f64>)> = p.iter().enumerate().map(|(i, (n, x))| (n.clone(), ArrayD::from_shape_vec(IxDyn(x.shape()), grad(step, i, x.len())).unwrap())).collect();
+    opt.step(p, &g).unwrap();
 }
 
-fn nd_params(opt: &MgpoOptimizer, vals: &[Vec<f64>]) -> Vec<ArrayD<f64>> {
-    opt.layout().tensors().iter().zip(vals).map(|(t, v)| ArrayD::from_shape_vec(IxDyn(&t.shape), v.clone()).unwrap()).collect()
+fn nd_params(opt: &MgpoOptimizer, vals: &[Vec<f64>]) -> Vec<(String, ArrayD<f64>)> {
+    opt.layout().tensors().iter().zip(vals).map(|(t, v)| (t.name.clone(), ArrayD::from_shape_vec(IxDyn(&t.shape), v.clone()).unwrap())).collect()
+}
+
+fn nd_values(p: &[(String, ArrayD<f64>)]) -> Vec<Vec<f64>> {
+    p.iter().map(|(_, x)| x.iter().copied().collect()).collect()
 }
 
 /// Largest absolute difference of two tensor lists.
@@ -173,22 +197,22 @@ fn checkpoints_move_between_burn_and_ndarray() {
             m = burn_step(&mut bo, m, s);
         }
         let burn_straight = values(&m, &ids);
-        let mut no = mgpo_ndarray::Mgpo::<f64>::new(NdBackend::new(), config, bo.layout().clone()).unwrap();
+        let mut no = NdMgpo::new(NdBackend::new(), config, bo.layout().clone()).unwrap();
         let mut p = nd_params(&bo, &init);
         for s in 0..6 {
             nd_step(&mut no, &mut p, s);
         }
-        let nd_straight: Vec<Vec<f64>> = p.iter().map(|x| x.iter().copied().collect()).collect();
+        let nd_straight = nd_values(&p);
         assert_eq!(bits(&burn_straight), bits(&nd_straight), "burn and ndarray differ ({:?})", config.space);
 
         // ndarray -> burn.
-        let mut no = mgpo_ndarray::Mgpo::<f64>::new(NdBackend::new(), config, bo.layout().clone()).unwrap();
+        let mut no = NdMgpo::new(NdBackend::new(), config, bo.layout().clone()).unwrap();
         let mut p = nd_params(&bo, &init);
         for s in 0..3 {
             nd_step(&mut no, &mut p, s);
         }
         let ckpt = no.checkpoint_bytes().unwrap();
-        let mut m = set_values(m0.clone(), &ids, &p.iter().map(|x| x.iter().copied().collect()).collect::<Vec<_>>());
+        let mut m = set_values(m0.clone(), &ids, &nd_values(&p));
         let mut bo = burn_opt(config, &m);
         bo.load_checkpoint_bytes(&ckpt).unwrap();
         assert_eq!(bo.state().step, 3);
@@ -207,13 +231,13 @@ fn checkpoints_move_between_burn_and_ndarray() {
             m = burn_step(&mut bo, m, s);
         }
         bo.save_checkpoint(&path).unwrap();
-        let mut no = mgpo_ndarray::Mgpo::<f64>::new(NdBackend::new(), config, bo.layout().clone()).unwrap();
+        let mut no = NdMgpo::new(NdBackend::new(), config, bo.layout().clone()).unwrap();
         no.load_checkpoint(&path).unwrap();
         let mut p = nd_params(&bo, &values(&m, &ids));
         for s in 3..6 {
             nd_step(&mut no, &mut p, s);
         }
-        let got: Vec<Vec<f64>> = p.iter().map(|x| x.iter().copied().collect()).collect();
+        let got = nd_values(&p);
         assert_eq!(bits(&got), bits(&nd_straight), "burn -> ndarray resume ({:?})", config.space);
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -311,6 +335,104 @@ fn builder_errors_are_typed() {
     let e = MgpoOptimizer::builder(Config::paper_nlu(1e-2)).lora(&m.q).lora(&m.q).build(&m).unwrap_err();
     assert!(matches!(e, MgpoError::DuplicateName(_)), "{e}");
     let frozen = net().no_grad();
-    let e = MgpoOptimizer::new(Config::paper_nlu(1e-2), &frozen).unwrap_err();
+    let e = MgpoOptimizer::new(&frozen, Config::paper_nlu(1e-2)).unwrap_err();
     assert_eq!(e, MgpoError::Empty);
+}
+
+/// burn matches parameters by `ParamId`: a module whose two same-shape
+/// adapters changed places is updated exactly as the original (each tensor
+/// with its own moments and its own name), not mixed up by position.
+#[test]
+fn same_shape_adapters_are_matched_by_identity_not_position() {
+    for config in [Config::trainer_nlu(1e-2), Config::paper_nlu(1e-2)] {
+        let m = Twin { q: lora(4, 4, 2), v: lora(4, 4, 2) };
+        let build = |m: &Twin| MgpoOptimizer::builder(config).lora(&m.q).lora(&m.v).build(m).unwrap();
+        let (mut o1, mut o2) = (build(&m), build(&m));
+        let ids = o1.param_ids().to_vec();
+        let mut straight = m.clone();
+        let mut swapped = Twin { q: m.v.clone(), v: m.q.clone() };
+        for s in 0..4 {
+            straight = burn_step(&mut o1, straight, s);
+            swapped = burn_step(&mut o2, swapped, s);
+        }
+        assert_eq!(bits(&values(&straight, &ids)), bits(&values(&swapped, &ids)), "{:?}", config.space);
+        assert_ne!(bits(&values(&straight, &ids)), bits(&values(&m, &ids)), "nothing moved");
+        // The same moments under the same names (the checkpoint's metadata order may differ).
+        let moments = |o: &MgpoOptimizer| o.state().moments.iter().flat_map(|m| [o.backend().to_f64(&m.m).unwrap(), o.backend().to_f64(&m.v).unwrap()]).collect::<Vec<_>>();
+        assert_eq!(bits(&moments(&o1)), bits(&moments(&o2)));
+        assert_eq!(o1.state().g_bar, o2.state().g_bar);
+
+        // A checkpoint whose tensors are named in another order is refused, naming them.
+        let other = Layout::builder().adapter_scaled("v", 2.0, &[2, 4], &[4, 2], false).adapter_scaled("q", 2.0, &[2, 4], &[4, 2], false).build().unwrap();
+        let mut nd = NdMgpo::new(NdBackend::new(), config, other).unwrap();
+        let mut p: Vec<(String, ArrayD<f64>)> = nd.layout().tensors().iter().map(|t| (t.name.clone(), ArrayD::from_elem(IxDyn(&t.shape), 0.1))).collect();
+        nd_step(&mut nd, &mut p, 0);
+        let e = o1.load_checkpoint_bytes(&nd.checkpoint_bytes().unwrap()).unwrap_err();
+        assert!(matches!(e, MgpoError::Checkpoint(CheckpointError::LayoutMismatch(ref s)) if s.contains("\"v.a\"")), "{e}");
+        assert_eq!(o1.state().step, 4);
+    }
+}
+
+/// Parameter groups by module path (no decay on biases, a slower adapter)
+/// give mgpo-ndarray's bits with the same layout, and do change the run.
+#[test]
+fn parameter_groups_by_module_path_match_ndarray() {
+    let mut config = Config::paper_nlu(1e-2);
+    config.adamw.weight_decay = 0.1;
+    let m0 = net();
+    let grouped = |m: &Net| MgpoOptimizer::builder(config).lora(&m.q).lora(&m.v).param_group_where(ParamGroup::no_decay(), is_bias_or_norm).param_group(ParamGroup::new("slow").lr_scale(0.5), &["q.a"]).build(m).unwrap();
+    let mut bo = grouped(&m0);
+    let groups: Vec<(&str, &str)> = bo.layout().tensors().iter().map(|t| (t.name.as_str(), bo.layout().param_groups()[t.param_group].name.as_str())).collect();
+    assert_eq!(groups, [("q.a", "slow"), ("q.b", "default"), ("v.a", "default"), ("v.b", "default"), ("head.weight", "default"), ("head.bias", "no_decay")]);
+    let ids = bo.param_ids().to_vec();
+    let init = values(&m0, &ids);
+    let mut nd = NdMgpo::new(NdBackend::new(), config, bo.layout().clone()).unwrap();
+    let mut p = nd_params(&bo, &init);
+    let (mut m, mut plain_m) = (m0.clone(), m0.clone());
+    let mut plain = burn_opt(config, &m0);
+    for s in 0..5 {
+        m = burn_step(&mut bo, m, s);
+        nd_step(&mut nd, &mut p, s);
+        plain_m = burn_step(&mut plain, plain_m, s);
+    }
+    assert_eq!(bits(&values(&m, &ids)), bits(&nd_values(&p)));
+    let (got, ungrouped) = (values(&m, &ids), values(&plain_m, &ids));
+    assert_ne!(got[0], ungrouped[0], "the slow group changed nothing");
+    assert_ne!(got[5], ungrouped[5], "the no-decay group changed nothing");
+    assert_eq!(got[1..5], ungrouped[1..5], "groups leaked into other tensors");
+}
+
+/// Gradient accumulation with burn's `GradientsAccumulator`: perturb once,
+/// k micro-batches at the perturbed point (each loss divided by k), one
+/// step: the same as one step on the whole batch, within f64 rounding.
+#[test]
+fn accumulated_micro_batches_equal_one_big_batch() {
+    let d = device();
+    let x = Tensor::<2>::random([8, 5], burn::tensor::Distribution::Normal(0.0, 1.0), (&d, DType::F64));
+    let y = Tensor::<2>::random([8, 2], burn::tensor::Distribution::Normal(0.0, 1.0), (&d, DType::F64));
+    let mse = |m: &Net, x: Tensor<2>, y: Tensor<2>| (m.forward(x) - y).square().mean();
+    for config in [Config::trainer_nlu(1e-2), Config::paper_nlu(1e-2)] {
+        let m0 = net();
+        let (mut big_opt, mut acc_opt) = (burn_opt(config, &m0), burn_opt(config, &m0));
+        let ids = big_opt.param_ids().to_vec();
+        let (mut big, mut acc) = (m0.clone(), m0.clone());
+        for _ in 0..4 {
+            big = big_opt.perturb(big).unwrap();
+            let g = GradientsParams::from_grads(mse(&big, x.clone(), y.clone()).backward(), &big);
+            big = big_opt.step(1e-2, big, g).unwrap();
+
+            acc = acc_opt.perturb(acc).unwrap();
+            let mut sum = GradientsAccumulator::<Net>::new();
+            for k in 0..4 {
+                let (xs, ys) = (x.clone().slice([2 * k..2 * k + 2]), y.clone().slice([2 * k..2 * k + 2]));
+                let loss = mse(&acc, xs, ys).div_scalar(4.0);
+                sum.accumulate(&acc, GradientsParams::from_grads(loss.backward(), &acc));
+            }
+            acc = acc_opt.step(1e-2, acc, sum.grads()).unwrap();
+        }
+        let (a, b) = (values(&big, &ids), values(&acc, &ids));
+        assert!(max_diff(&a, &b) < 1e-12, "{:?}: accumulated differs by {}", config.space, max_diff(&a, &b));
+        assert!(max_diff(&a, &values(&m0, &ids)) > 1e-3, "nothing moved");
+        assert_eq!(acc_opt.state().step, 4);
+    }
 }

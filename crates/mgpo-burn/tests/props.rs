@@ -51,8 +51,8 @@ proptest! {
 
 fn bits_agree<A, B>(a: &A, b: &B, case: &mgpo_conformance::props::Case) -> Result<(), TestCaseError>
 where
-    A: mgpo_core::TensorOps + mgpo_core::HostIo + Clone,
-    B: mgpo_core::TensorOps + mgpo_core::HostIo + Clone,
+    A: mgpo_core::backend::TensorOps + mgpo_core::backend::HostIo + Clone,
+    B: mgpo_core::backend::TensorOps + mgpo_core::backend::HostIo + Clone,
 {
     let (mut ra, mut rb) = (CaseRun::new(a, case).map_err(TestCaseError::fail)?, CaseRun::new(b, case).map_err(TestCaseError::fail)?);
     for s in &case.steps {
