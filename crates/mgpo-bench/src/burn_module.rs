@@ -59,8 +59,8 @@ impl ModuleBench {
         let lr = 1e-4;
         let (stepper, perturb) = match variant {
             "burn-optim-adamw" => (Stepper::Burn(AdamWConfig::new().with_epsilon(1e-8).with_weight_decay(0.0).init()), false),
-            "module-adamw" => (Stepper::Mgpo(MgpoOptimizer::new(Config::adamw(mgpo_core::AdamWConfig { lr, weight_decay: 0.0, ..Default::default() }), &module).map_err(|e| e.to_string())?), false),
-            "module-mgpo-adapter" => (Stepper::Mgpo(MgpoOptimizer::new(Config::paper_nlu(lr), &module).map_err(|e| e.to_string())?), true),
+            "module-adamw" => (Stepper::Mgpo(MgpoOptimizer::new(&module, Config::adamw(mgpo_core::AdamWConfig { lr, weight_decay: 0.0, ..Default::default() })).map_err(|e| e.to_string())?), false),
+            "module-mgpo-adapter" => (Stepper::Mgpo(MgpoOptimizer::new(&module, Config::paper_nlu(lr)).map_err(|e| e.to_string())?), true),
             other => return Err(format!("unknown burn module variant {other:?}")),
         };
         Ok(ModuleBench { module: Some(module), grads, stepper, perturb })
