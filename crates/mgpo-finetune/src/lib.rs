@@ -15,6 +15,7 @@ pub mod error;
 pub mod model;
 pub mod peft;
 mod rng;
+pub mod train;
 
 pub use error::{FinetuneError, Result};
 pub use model::{LoraBert, ModelFiles, TextEncoder};

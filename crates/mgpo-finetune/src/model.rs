@@ -17,9 +17,11 @@
 //! kernel (`ops::layer_norm`, applied with `apply_op3_no_bwd`) whenever its
 //! input is contiguous, which in `BertLayer` it always is, so autograd
 //! stops at every LayerNorm and the unmodified `BertEncoder` gives no
-//! gradient to any weight below its last LayerNorm. The forward pass and
-//! the adapters are exact (tests/python.rs); training through this model
-//! needs a differentiable LayerNorm in the adapted layers.
+//! gradient to any weight below its last LayerNorm. So `BertModel` and
+//! `BertEncoder` serve as they are for the frozen layers and as the
+//! reference, and training runs the adapted layers' equations written out
+//! ([`LoraBert::hidden_trainable`]: the same `Var` weights, LayerNorm from
+//! differentiable ops), tested equal to `BertEncoder`'s output.
 //!
 //! When only the top layers are adapted, the frozen bottom (embeddings and
 //! layers below the first adapted one) is a separate `BertModel` with that
@@ -153,6 +155,8 @@ pub struct LoraBert {
     first_adapted: usize,
     bottom: BertModel,
     top: BertEncoder,
+    /// Per adapted layer, the non-target tensors by suffix (biases, LayerNorms), for [`LoraBert::hidden_trainable`].
+    top_rest: Vec<HashMap<String, Tensor>>,
     pooler: (Tensor, Tensor),
     /// The adapted linears, layer by layer in [`TARGETS`] order.
     pub targets: Vec<Target>,
@@ -194,12 +198,16 @@ impl LoraBert {
 
         let mut rng = SplitMix64::new(seed);
         let mut top_weights = HashMap::new();
+        let mut top_rest = Vec::new();
         let mut targets = Vec::new();
         for layer in first_adapted..cfg.num_hidden_layers {
             let (from, to) = (format!("encoder.layer.{layer}."), format!("encoder.layer.{}.", layer - first_adapted));
+            let mut rest = HashMap::new();
             for (k, t) in weights.iter().filter(|(k, _)| k.starts_with(&from)) {
                 top_weights.insert(k.replacen(&from, &to, 1), t.clone());
+                rest.insert(k[from.len()..].to_string(), t.clone());
             }
+            top_rest.push(rest);
             for suffix in TARGETS {
                 let key = format!("{from}{suffix}.weight");
                 let w0 = get(&key)?;
@@ -218,7 +226,7 @@ impl LoraBert {
 
         let c: Vec<f32> = (0..labels * cfg.hidden_size).map(|_| (0.02 * rng.normal()) as f32).collect();
         let classifier = (Var::from_tensor(&Tensor::from_vec(c, (labels, cfg.hidden_size), dev)?)?, Var::zeros(labels, DType::F32, dev)?);
-        let model = LoraBert { config: cfg.clone(), lora, first_adapted, bottom, top, pooler, targets, classifier, dev: dev.clone() };
+        let model = LoraBert { config: cfg.clone(), lora, first_adapted, bottom, top, top_rest, pooler, targets, classifier, dev: dev.clone() };
         model.sync()?;
         Ok(model)
     }
@@ -272,9 +280,42 @@ impl LoraBert {
         Ok(self.top.forward(frozen, &ext)?)
     }
 
-    /// Class logits `[n, labels]` from the frozen part's output.
+    /// The adapted layers' forward pass written out (BertLayer's equations,
+    /// the same weights), with LayerNorm composed of differentiable ops
+    /// (`candle_nn::ops::layer_norm_slow`) so that autograd reaches every
+    /// target weight; `BertEncoder`'s fused LayerNorm has no backward (see
+    /// the module docs). Equal to [`LoraBert::hidden`] up to rounding (tested).
+    pub fn hidden_trainable(&self, frozen: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let m = mask.to_dtype(DType::F32)?.unsqueeze(1)?.unsqueeze(1)?;
+        let ext = ((1.0 - m)? * f32::MIN as f64)?;
+        let (heads, eps) = (self.config.num_attention_heads, self.config.layer_norm_eps as f32);
+        let d = self.config.hidden_size / heads;
+        let mut h = frozen.clone();
+        for (l, rest) in self.top_rest.iter().enumerate() {
+            let w = |i: usize| self.targets[l * TARGETS.len() + i].w.as_tensor();
+            let r = |k: &str| rest.get(k).ok_or_else(|| FinetuneError::Model { dir: PathBuf::new(), detail: format!("no `{k}` in an adapted layer") });
+            let lin = |x: &Tensor, i: usize, bias: &str| -> Result<Tensor> { Ok(x.broadcast_matmul(&w(i).t()?)?.broadcast_add(r(bias)?)?) };
+            let (n, len, hid) = h.dims3()?;
+            let split = |x: Tensor| -> Result<Tensor> { Ok(x.reshape((n, len, heads, d))?.transpose(1, 2)?.contiguous()?) };
+            let q = split(lin(&h, 0, "attention.self.query.bias")?)?;
+            let k = split(lin(&h, 1, "attention.self.key.bias")?)?;
+            let v = split(lin(&h, 2, "attention.self.value.bias")?)?;
+            let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&ext)?;
+            let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
+            let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((n, len, hid))?;
+            let a = (lin(&ctx, 3, "attention.output.dense.bias")? + &h)?;
+            let a = candle_nn::ops::layer_norm_slow(&a, r("attention.output.LayerNorm.weight")?, r("attention.output.LayerNorm.bias")?, eps)?;
+            let i = lin(&a, 4, "intermediate.dense.bias")?.gelu_erf()?;
+            let o = (lin(&i, 5, "output.dense.bias")? + &a)?;
+            h = candle_nn::ops::layer_norm_slow(&o, r("output.LayerNorm.weight")?, r("output.LayerNorm.bias")?, eps)?;
+        }
+        Ok(h)
+    }
+
+    /// Class logits `[n, labels]` from the frozen part's output, through
+    /// [`LoraBert::hidden_trainable`] (differentiable).
     pub fn logits(&self, frozen: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let cls = self.hidden(frozen, mask)?.i((.., 0))?;
+        let cls = self.hidden_trainable(frozen, mask)?.i((.., 0))?;
         let pooled = cls.matmul(&self.pooler.0.t()?)?.broadcast_add(&self.pooler.1)?.tanh()?;
         Ok(pooled.matmul(&self.classifier.0.as_tensor().t()?)?.broadcast_add(self.classifier.1.as_tensor())?)
     }
@@ -287,6 +328,27 @@ impl LoraBert {
             out.push(self.logits(&self.encode_frozen(&e)?, &e.mask)?.detach());
         }
         Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// The gradients of the trainable tensors from a backward pass: each
+    /// adapter's g_A = s B^T g_W and g_B = s g_W A^T from its weight's
+    /// gradient, and the classifier's as they are. A missing one stays
+    /// missing, for the optimizer to name.
+    pub fn project(&self, grads: &candle_core::backprop::GradStore) -> Result<candle_core::backprop::GradStore> {
+        let mut out = candle_core::backprop::GradStore::default();
+        for t in &self.targets {
+            if let Some(gw) = grads.get(t.w.as_tensor()) {
+                let (a, b) = (t.a.as_tensor().detach(), t.b.as_tensor().detach());
+                out.insert(t.a.as_tensor(), (b.t()?.matmul(gw)? * t.scale)?);
+                out.insert(t.b.as_tensor(), (gw.matmul(&a.t()?)? * t.scale)?);
+            }
+        }
+        for v in [&self.classifier.0, &self.classifier.1] {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                out.insert(v.as_tensor(), g.clone());
+            }
+        }
+        Ok(out)
     }
 
     /// The trainable tensors by name (peft module paths with `.lora_A`,
