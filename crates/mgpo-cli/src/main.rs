@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod bench;
 mod conformance;
 mod experiment;
+mod finetune;
 mod stress;
 
 #[derive(Parser)]
@@ -44,6 +45,9 @@ enum Command {
     Demo(experiment::DemoArgs),
     /// The full sweep over ranks, learning rates, seeds and methods.
     Experiment(experiment::ExperimentArgs),
+    /// LoRA-MGPO fine-tuning of a pretrained BERT (default all-MiniLM-L6-v2) on
+    /// text classification (default WordNet supersenses), peft-format adapters.
+    Finetune(finetune::FinetuneArgs),
     /// Optimizer-step benchmarks against the memory-bandwidth bound.
     Bench(bench::BenchArgs),
     /// Write checkpoints in a loop, or verify one loads (for the crash test).
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
         Command::Conformance { vectors, backend, dtype } => conformance::run(&vectors, &backend, dtype),
         Command::Demo(args) => experiment::demo(args),
         Command::Experiment(args) => experiment::experiment(args),
+        Command::Finetune(args) => finetune::run(args),
         Command::Bench(args) => bench::run(args),
         Command::CheckpointStress { path, params, verify, rounds } => {
             if verify { stress::verify(&path, params) } else { stress::write(&path, params, rounds) }.map(|()| true)
