@@ -261,6 +261,7 @@ pub enum Mismatch {
 
 /// One failed check of the conformance kit.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Failure {
     /// The vector or property case.
     pub origin: Origin,

@@ -203,6 +203,7 @@ fn random_seed() -> u64 {
 
 /// What the property cases of a suite found.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Properties {
     /// The base seed (`PROPTEST_RNG_SEED=<base>` replays the run).
     pub base_seed: u64,
@@ -217,6 +218,7 @@ pub struct Properties {
 /// What a [`Suite`] found: per vector and over the property cases, with
 /// the tolerances used and the methods most likely at fault.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Report {
     /// The backend's type.
     pub backend: String,

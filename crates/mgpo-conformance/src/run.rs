@@ -12,6 +12,7 @@ use crate::vector::{load_dir, Dtype, TensorData, Tolerance, Vector};
 
 /// The largest errors seen on one compared quantity.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct QuantityError {
     /// What was compared.
     pub quantity: Quantity,
@@ -27,6 +28,7 @@ pub struct QuantityError {
 
 /// The result of one vector on one backend.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Outcome {
     /// The vector's name.
     pub name: String,
