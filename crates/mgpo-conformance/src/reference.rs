@@ -13,12 +13,16 @@ use crate::vector::Vector;
 /// A row-major matrix (plain tensors of any shape are stored as 1 x n).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mat {
+    /// Rows.
     pub rows: usize,
+    /// Columns.
     pub cols: usize,
+    /// The entries, row-major.
     pub data: Vec<f64>,
 }
 
 impl Mat {
+    /// A `rows` x `cols` matrix of row-major `data` (panics unless it holds rows cols entries: the reference is test code fed by this crate).
     pub fn new(rows: usize, cols: usize, data: Vec<f64>) -> Self {
         assert_eq!(rows * cols, data.len(), "reference matrix data");
         Mat { rows, cols, data }
@@ -53,33 +57,47 @@ impl Mat {
 /// One adapter: indices of A and B among the trainable tensors, scaling, W0.
 #[derive(Debug, Clone)]
 pub struct RefAdapter {
+    /// The adapter's name.
     pub name: String,
+    /// Index of A among the trainable tensors.
     pub a: usize,
+    /// Index of B among the trainable tensors.
     pub b: usize,
+    /// alpha / r.
     pub scale: f64,
+    /// W0 (weight space only), updated in place by perturb and step.
     pub w0: Option<Mat>,
 }
 
 /// The float64 reference optimizer, holding its own copy of every tensor.
 #[derive(Debug, Clone)]
 pub struct Reference {
+    /// The configuration.
     pub config: Config,
+    /// The trainable tensors, in layout order.
     pub params: Vec<Mat>,
+    /// Their names (`<adapter>.a`, `<adapter>.b`, plain names).
     pub names: Vec<String>,
+    /// The adapters.
     pub adapters: Vec<RefAdapter>,
     /// Trainable tensors outside adapters.
     pub plain: Vec<usize>,
     /// Per trainable tensor: its parameter group's lr multiplier and weight
     /// decay (1 and the config's weight decay in the default group).
     pub lr_scale: Vec<f64>,
+    /// See `lr_scale`.
     pub weight_decay: Vec<f64>,
+    /// AdamW's first moment per trainable tensor.
     pub m: Vec<Mat>,
+    /// AdamW's second moment per trainable tensor.
     pub v: Vec<Mat>,
+    /// Steps taken (skipped steps excluded).
     pub t: u64,
     /// g_bar per group, groups as [`Reference::group_names`].
     pub g_bar: Vec<Option<f64>>,
     /// What the last perturb added: per trainable tensor and per W0.
     pub added: Vec<Mat>,
+    /// What the last perturb added to each W0 (weight space).
     pub added_w0: Vec<Option<Mat>>,
     clean: Option<(Vec<Mat>, Vec<Option<Mat>>)>,
 }
@@ -100,6 +118,7 @@ fn groups(config: &Config, adapters: &[RefAdapter], plain: &[usize], names: &[St
 }
 
 impl Reference {
+    /// A reference at step 0: `params` named `names`, `adapters` over them, `plain` the indices of the trainable tensors outside adapters, zero moments, one parameter group per scope.
     pub fn new(config: Config, params: Vec<Mat>, names: Vec<String>, adapters: Vec<RefAdapter>, plain: Vec<usize>) -> Self {
         let n_groups = groups(&config, &adapters, &plain, &names).len();
         let zeros: Vec<Mat> = params.iter().map(|p| Mat::zeros(p.rows, p.cols)).collect();
@@ -151,6 +170,7 @@ impl Reference {
         self.weight_decay[i] = weight_decay;
     }
 
+    /// The groups' names, in g_bar's order: `global`, or one per adapter (and per plain tensor in adapter space).
     pub fn group_names(&self) -> Vec<String> {
         groups(&self.config, &self.adapters, &self.plain, &self.names).into_iter().map(|g| g.0).collect()
     }

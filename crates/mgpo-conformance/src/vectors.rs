@@ -60,7 +60,7 @@ mod tests {
     /// The embedded list is the directory's content.
     #[test]
     fn embeds_every_file_of_the_directory() {
-        let dir = crate::project_vectors_dir();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors");
         let mut files: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().path())
