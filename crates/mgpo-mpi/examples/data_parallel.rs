@@ -432,7 +432,7 @@ fn run<F: Element + Scalar, C: Collective, S: PartialSums>(comm: C, sums: S, arg
         optimizer::perturb(&mut opt, &mut params, &mut frozen)?;
         let t1a = Instant::now();
         if let Some(z) = &mut zero {
-            z.gather_perturbed(&opt, &mut params)?;
+            z.before_forward(&mut params)?;
         }
         let t1 = Instant::now();
         let first = step * args.batch;
@@ -466,8 +466,7 @@ fn run<F: Element + Scalar, C: Collective, S: PartialSums>(comm: C, sums: S, arg
         let report = optimizer::step(&mut opt, &mut params, &mut frozen, &grads)?;
         let t3b = Instant::now();
         if let Some(z) = &mut zero {
-            z.all_gather(&mut params)?;
-            z.exchange_replicas(&mut opt)?;
+            z.after_step(&mut opt, &mut params)?;
         }
         let t4 = Instant::now();
         if report.skipped {
@@ -490,7 +489,11 @@ fn run<F: Element + Scalar, C: Collective, S: PartialSums>(comm: C, sums: S, arg
             let dir = std::path::Path::new(args.ckpt.as_deref().unwrap_or("."));
             std::fs::create_dir_all(dir)?;
             match &mut zero {
-                Some(z) => z.save_checkpoint(&opt, &params, dir.join("opt.safetensors"))?,
+                Some(z) => {
+                    // Adapter space: the tensors other ranks own are still perturbed here.
+                    z.all_gather(&mut params)?;
+                    z.save_checkpoint(&opt, &params, dir.join("opt.safetensors"))?
+                }
                 None if rank == 0 => opt.save_checkpoint(dir.join("opt.safetensors"))?,
                 None => {}
             }
@@ -501,6 +504,12 @@ fn run<F: Element + Scalar, C: Collective, S: PartialSums>(comm: C, sums: S, arg
         }
     }
 
+    let stats_at_end = traffic(&dp, &zero);
+    if let Some(z) = &mut zero {
+        // The clean parameters on every rank (adapter space: each rank's
+        // copies of the tensors it does not own were last gathered perturbed).
+        z.all_gather(&mut params)?;
+    }
     let cpu_share = cpu_after_warmup.zip(cpu_ms()).map(|(a, b)| (b - a) / clock.total);
     // Every rank's final tensors, gathered on every rank, compared on rank 0.
     let mine: Vec<f64> = params.iter().chain(&frozen).flat_map(|t| t.iter().map(|v| v.to_f64().unwrap_or(f64::NAN))).collect();
@@ -521,7 +530,7 @@ fn run<F: Element + Scalar, C: Collective, S: PartialSums>(comm: C, sums: S, arg
             let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
             std::fs::write(path, bytes)?;
         }
-        let (now, before) = (traffic(&dp, &zero), stats_after_warmup);
+        let (now, before) = (stats_at_end, stats_after_warmup);
         let (timed, calls) = (now.bytes - before.bytes, now.calls - before.calls);
         // A reduce-scatter or all-gather sends (N - 1) / N of its buffer from
         // each rank, an all-reduce twice that.

@@ -4,14 +4,16 @@
 //! on every rank:
 //!
 //! ```text
-//! opt.perturb(&mut params)?;          // the owners perturb their tensors (adapter space) or every rank W0 (weight space)
-//! zero.gather_perturbed(&opt, &mut params)?; // adapter space: every rank gets the perturbed tensors
+//! opt.perturb(&mut params)?;                 // the owners perturb their tensors (adapter space) or every rank W0 (weight space)
+//! zero.before_forward(&mut params)?;          // adapter space: every rank gets every (perturbed) tensor
 //! let mut grads = /* backward over this rank's slice of the batch */;
-//! zero.reduce_scatter(&mut grads, 1.0)?;     // each owner gets the sum of its tensors' gradients
-//! opt.step(&mut params, &grads)?;     // owners step their own tensors; norms from all-reduced partial sums
-//! zero.all_gather(&mut params)?;      // every rank gets every updated tensor
-//! zero.exchange_replicas(&mut opt)?;  // weight space: m of the adapters, for the next perturbation
+//! zero.reduce_scatter(&mut grads, 1.0)?;      // each owner gets the sum of its tensors' gradients
+//! opt.step(&mut params, &grads)?;            // owners step their own tensors; norms from all-reduced partial sums
+//! zero.after_step(&mut opt, &mut params)?;    // weight space: updated A, B and the owners' m to every rank
 //! ```
+//!
+//! and `zero.all_gather(&mut params)` whenever every rank needs the clean
+//! parameters (adapter space: evaluation, saving, the end of training).
 //!
 //! with the optimizer built by `Mgpo::sharded(backend, config, layout,
 //! CollectiveSums(&comm))`. The global sums (momentum norm, gradient norms,
@@ -25,9 +27,11 @@
 //! blocks are cut into windows of `bucket_elems / N` elements: one
 //! reduce-scatter (or all-gather) per window, each moving at most
 //! `bucket_elems` elements through one buffer that is allocated on first
-//! use and reused. The padding is the price of ownership by whole tensors:
-//! with N blocks of length max_r L_r a step moves N max_r L_r elements per
-//! operation instead of P.
+//! use and reused. A step moves two such buffers in adapter space (the
+//! gradients scattered, the perturbed tensors gathered: the bytes of one
+//! all-reduce) and three in weight space (also the replicas of m). The
+//! padding is the price of ownership by whole tensors: with N blocks of
+//! length max_r L_r each buffer is N max_r L_r elements instead of P.
 
 use mgpo_core::backend::TensorOps;
 use mgpo_core::checkpoint::write_atomically;
@@ -221,12 +225,33 @@ impl<C: Collective, E: Scalar> Zero<C, E> {
         result
     }
 
-    /// After [`Mgpo::perturb`]: in adapter space the owners perturbed their
-    /// own tensors, and every rank needs them all for the forward pass; in
-    /// weight space every rank perturbed W0 itself and nothing moves.
-    pub fn gather_perturbed<T: Bucketable<Elem = E>, B: TensorOps, S: PartialSums>(&mut self, opt: &Mgpo<B, S>, params: &mut [T]) -> Result<()> {
-        if self.adapter_space && opt.is_perturbed() && opt.has_moments() {
+    /// Before the forward pass, after [`Mgpo::perturb`]. In adapter space
+    /// the owners perturbed their own tensors (or, unperturbed, hold the
+    /// last update), and every rank needs every tensor: all-gathered here,
+    /// which is also how the last step's updates reach the other ranks. In
+    /// weight space every rank perturbed W0 itself and the tensors came
+    /// after the step ([`Zero::after_step`]): nothing moves.
+    pub fn before_forward<T: Bucketable<Elem = E>>(&mut self, params: &mut [T]) -> Result<()> {
+        if self.adapter_space {
             self.all_gather(params)?;
+        }
+        Ok(())
+    }
+
+    /// After [`Mgpo::step`]. Weight space: every rank gets the updated A
+    /// and B (the next perturbation of W0 is built from them) and the
+    /// owners' m of them ([`Zero::exchange_replicas`]). Adapter space:
+    /// nothing, as the next [`Zero::before_forward`] gathers the tensors
+    /// perturbed; until then a rank's copies of tensors it does not own are
+    /// stale (perturbed), so gather them with [`Zero::all_gather`] before
+    /// reading all parameters (evaluation, saving, the end of training).
+    pub fn after_step<T: Bucketable<Elem = E>, B: TensorOps, S: PartialSums>(&mut self, opt: &mut Mgpo<B, S>, params: &mut [T]) -> Result<()>
+    where
+        B::Tensor: Bucketable<Elem = E>,
+    {
+        if !self.adapter_space {
+            self.all_gather(params)?;
+            self.exchange_replicas(opt)?;
         }
         Ok(())
     }
