@@ -399,6 +399,49 @@ mod tests {
         Layout::builder().adapter("q", 8.0, &[2, 5], &[7, 2], false).plain("head", &[3, 4]).adapter("v", 8.0, &[2, 3], &[7, 2], false).build().unwrap()
     }
 
+    /// Rank 0 of a pretend 2-rank job whose other rank contributes nothing.
+    struct FirstOfTwo;
+
+    impl PartialSums for FirstOfTwo {
+        fn rank(&self) -> usize {
+            0
+        }
+        fn size(&self) -> usize {
+            2
+        }
+        fn all_reduce(&self, _: &mut [f64]) -> mgpo_core::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_sharded_rank_steps_only_its_own_tensors_and_refuses_a_partial_checkpoint() {
+        let lay = layout();
+        let names: Vec<String> = lay.names().map(str::to_string).collect();
+        let mut opt = Mgpo::sharded(NdBackend::<f64>::new(), Config::preset("paper-nlu", 1e-2).unwrap(), lay, FirstOfTwo).unwrap();
+        // Largest unit first: q (24 elements) to rank 0, v (20) to rank 1, head (12) to rank 1.
+        assert_eq!(opt.shard().owned().collect::<Vec<_>>(), [0, 1]);
+        let shapes: Vec<Vec<usize>> = opt.layout().tensors().iter().map(|t| t.shape.clone()).collect();
+        let start: Vec<ArrayD<f64>> = shapes.iter().map(|s| ArrayD::from_elem(IxDyn(s), 0.5)).collect();
+        let mut params = start.clone();
+        let grads: Vec<ArrayD<f64>> = shapes.iter().map(|s| ArrayD::from_elem(IxDyn(s), 0.25)).collect();
+        for _ in 0..2 {
+            let mut named: Vec<(&str, &mut ArrayD<f64>)> = names.iter().map(String::as_str).zip(params.iter_mut()).collect();
+            opt.perturb(&mut named).unwrap();
+            let g: Vec<(&str, &ArrayD<f64>)> = names.iter().map(String::as_str).zip(&grads).collect();
+            opt.step(&mut named, &g).unwrap();
+        }
+        for (t, (p, s)) in params.iter().zip(&start).enumerate() {
+            assert_eq!(p != s, t < 2, "tensor {t}: only the owner's tensors move");
+        }
+        assert_eq!(opt.state().moments.len(), 2);
+        assert_eq!(opt.moment_elems(), 2 * 24, "m and v of q.a and q.b only");
+        assert!(matches!(opt.checkpoint_bytes(), Err(MgpoError::InvalidConfig { .. })), "a shard is not a checkpoint");
+        let own = opt.state().clone();
+        assert!(matches!(opt.set_state(own), Err(MgpoError::WrongCount { .. })), "set_state takes the whole state");
+        assert_eq!(opt.state().step, 2);
+    }
+
     #[test]
     fn windows_cover_each_rank_block_once() {
         let lay = layout();
