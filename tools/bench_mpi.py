@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Data-parallel scaling of LoRA-MGPO: step time, bytes communicated and
+"""Data-parallel and ZeRO-1 scaling of LoRA-MGPO: step time, bytes communicated and
 efficiency for 1, 2 and 4 MPI ranks (weak scaling: a fixed batch per rank),
 on the demo network's shape and on a 1e7-parameter network.
 
@@ -9,7 +9,11 @@ a markdown table of the medians (the row shown is the run with the median
 step time); `--json-out` keeps every run's summary. Each step is timed in
 phases: compute (forward + backward on the rank's slice), wait (a barrier:
 the time until the slowest rank is done), all-reduce (the bucketed
-gradient sum), optimizer (perturb + step). "rank 0 CPU share" is rank 0's
+gradient sum; under ZeRO-1 the reduce-scatter of the gradients and the
+all-gathers of the parameters and of the replicas of m), optimizer
+(perturb + step). Modes (`--all-reduce`): `native` and `scatter-gather`
+(data parallelism, mgpo_mpi::AllReduce), `zero1` (sharded optimizer state,
+`--zero`). "rank 0 CPU share" is rank 0's
 CPU time over its wall time in the timed steps: 1.00 when it had a core to
 itself, less when other processes (or other ranks) took turns on it.
 
@@ -44,7 +48,8 @@ ENV = {
 
 def run(exe, case, ranks, how):
     c = CASES[case]
-    cmd = ["mpirun", "-np", str(ranks), "--timeout", "600", exe, "--time-wait", "--all-reduce", how, "--dtype", "f32", "--preset", "paper-nlu",
+    mode = ["--zero"] if how == "zero1" else ["--all-reduce", how]
+    cmd = ["mpirun", "-np", str(ranks), "--timeout", "600", exe, "--time-wait"] + mode + ["--dtype", "f32", "--preset", "paper-nlu",
            "--batch", str(c["per_rank_batch"] * ranks)] + c["args"]
     out = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True)
     if out.returncode != 0:
@@ -56,8 +61,8 @@ def run(exe, case, ranks, how):
 
 
 def table(results):
-    rows = ["| case | all-reduce | ranks | global batch | step ms | compute ms | wait ms | all-reduce ms | optimizer ms | payload MB/step | sent MB/rank/step | calls/step | samples/s | efficiency T1/TN | vs min(N, 2 cores) | rank 0 CPU share |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| case | mode | ranks | global batch | step ms | compute ms | wait ms | all-reduce ms | optimizer ms | payload MB/step | sent MB/rank/step | calls/step | samples/s | efficiency T1/TN | vs min(N, 2 cores) | rank 0 CPU share | m+v MB/rank (max) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for case, how in sorted({(c, h) for (c, h, _) in results}, key=lambda k: (list(CASES).index(k[0]), k[1])):
         pts = {r: v for (c, h, r), v in results.items() if (c, h) == (case, how)}
         if 1 not in pts:
@@ -71,7 +76,8 @@ def table(results):
             rows.append(
                 f"| {case} ({s['trainable_params']:,} params) | {how} | {r} | {s['global_batch']} | {med[r]:.2f} | {s['compute_ms']:.2f} | {s['wait_ms']:.2f} | {s['comm_ms']:.2f} | "
                 f"{s['optimizer_ms']:.2f} | {s['payload_bytes_per_step'] / 1e6:.3f} | {s['sent_bytes_per_rank_per_step'] / 1e6:.3f} | "
-                f"{s['calls_per_step']:.0f} | {s['samples_per_s']:.0f} | {eff:.0%} | {eff * r / ideal:.0%} | {s['cpu_share_rank0'] or 0:.2f} |")
+                f"{s['calls_per_step']:.0f} | {s['samples_per_s']:.0f} | {eff:.0%} | {eff * r / ideal:.0%} | {s['cpu_share_rank0'] or 0:.2f} | "
+                f"{max(s.get('optimizer_bytes_per_rank') or [float('nan')]) / 1e6:.3f} |")
     return "\n".join(rows)
 
 
@@ -81,7 +87,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ranks", default="1,2,4")
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--all-reduce", default="native,scatter-gather", help="mgpo_mpi::AllReduce ways to measure")
+    ap.add_argument("--all-reduce", default="native,scatter-gather", help="modes to measure: native, scatter-gather (data parallel), zero1")
     ap.add_argument("--json-out")
     ap.add_argument("--from-json", help="print the table of a saved --json-out file instead of running")
     a = ap.parse_args()
@@ -93,7 +99,7 @@ def main():
         print(table(results))
         return
     results = {}
-    # The two ways of summing alternate run by run, so that they see the same machine.
+    # The modes alternate run by run, so that they see the same machine.
     for case in a.cases.split(","):
         for ranks in map(int, a.ranks.split(",")):
             for _ in range(a.runs):

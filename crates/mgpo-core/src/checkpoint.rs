@@ -12,6 +12,9 @@
 //!   fields but the learning rate, which schedules change), layout, every
 //!   tensor's presence, dtype and shape. Any problem is a typed
 //!   [`CheckpointError`] and the optimizer is left exactly as it was.
+//! - One format for one process and for a sharded run: a sharded run's
+//!   driver gathers the whole state and writes it with
+//!   [`Mgpo::checkpoint_bytes_of`]; loading gives each rank its own share.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -25,6 +28,7 @@ use crate::config::Config;
 use crate::error::{CheckpointError, MgpoError, Result};
 use crate::mgpo::{Mgpo, Moments, State};
 use crate::backend::{HostIo, TensorOps};
+use crate::shard::PartialSums;
 
 /// The `format` metadata value of an optimizer checkpoint.
 pub const FORMAT: &str = "lora-mgpo-optimizer";
@@ -70,14 +74,33 @@ fn tensor_name(kind: &str, name: &str) -> String {
     format!("{kind}.{name}")
 }
 
-impl<B: TensorOps + HostIo> Mgpo<B> {
-    /// The checkpoint as bytes. Refused while the parameters are perturbed.
+impl<B: TensorOps + HostIo, S: PartialSums> Mgpo<B, S> {
+    /// The checkpoint as bytes. Refused while the parameters are perturbed,
+    /// and on a sharded optimizer, which holds only its own moments.
     pub fn checkpoint_bytes(&self) -> Result<Vec<u8>> {
+        let shard = self.shard();
+        if shard.size() > 1 {
+            return Err(MgpoError::InvalidConfig {
+                field: "checkpoint",
+                value: format!("rank {} of {}", shard.rank(), shard.size()),
+                reason: "a sharded optimizer holds only its own moments: its driver gathers the whole state and writes it with checkpoint_bytes_of",
+            });
+        }
+        self.checkpoint_bytes_of(self.state())
+    }
+
+    /// The checkpoint of `state`, a whole state (moments of every trainable
+    /// tensor, or none) of this optimizer's configuration and layout: what a
+    /// sharded run's driver writes after gathering the ranks' moments.
+    pub fn checkpoint_bytes_of(&self, state: &State<B::Tensor>) -> Result<Vec<u8>> {
         if self.is_perturbed() {
             return Err(MgpoError::AlreadyPerturbed);
         }
+        let n = self.layout().tensors().len();
+        if !state.moments.is_empty() && state.moments.len() != n {
+            return Err(MgpoError::WrongCount { what: "moment pairs", expected: n, got: state.moments.len() });
+        }
         let be = self.backend();
-        let state = self.state();
         let f64_exact = be.f64_exact();
         let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
         for (info, mv) in self.layout().tensors().iter().zip(&state.moments) {
@@ -122,25 +145,7 @@ impl<B: TensorOps + HostIo> Mgpo<B> {
 
     /// Writes the checkpoint to `path` atomically.
     pub fn save_checkpoint(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let bytes = self.checkpoint_bytes()?;
-        let io = |reason: std::io::Error| CheckpointError::Io { path: path.display().to_string(), reason: reason.to_string() };
-        let file_name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file path")))?;
-        let tmp = path.with_file_name(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)?;
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io(e).into()
-        })
+        write_atomically(path.as_ref(), &self.checkpoint_bytes()?)
     }
 
     /// Loads a checkpoint written by [`Mgpo::save_checkpoint`] on any backend.
@@ -233,6 +238,28 @@ impl<B: TensorOps + HostIo> Mgpo<B> {
         }
         self.set_state(State { step: header.step, skipped: header.skipped, moments, g_bar })
     }
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file beside it, fsync,
+/// rename, fsync of the directory. A crash leaves the previous file as it was.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io = |reason: std::io::Error| CheckpointError::Io { path: path.display().to_string(), reason: reason.to_string() };
+    let file_name = path.file_name().ok_or_else(|| io(std::io::Error::other("not a file path")))?;
+    let tmp = path.with_file_name(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        io(e).into()
+    })
 }
 
 /// Every field but the learning rate must match.

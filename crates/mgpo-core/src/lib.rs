@@ -37,6 +37,7 @@ mod lora;
 mod mgpo;
 mod named;
 mod schedule;
+mod shard;
 
 pub use bound::{Bound, FactoredPerturbation, PerturbationSlot, Registry, Shares};
 pub use clip::clip_factor;
@@ -47,3 +48,4 @@ pub use lora::{lora_scale, LoraConfig, LoraInit};
 pub use mgpo::{Group, GroupReport, Mgpo, Moments, State, StepReport, WeightPerturbation};
 pub use named::{NamedGrads, NamedTensors};
 pub use schedule::WarmupCosine;
+pub use shard::{OneProcess, PartialSums, Shard};

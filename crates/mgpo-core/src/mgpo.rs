@@ -16,6 +16,11 @@
 //!
 //! Tensors are given by name, in the order of [`Layout::names`]; every call
 //! checks every name and shape before it changes anything.
+//!
+//! Sharded ([`Mgpo::sharded`], ZeRO stage 1, `shard.rs`), a rank keeps m and
+//! v of its own tensors only and updates only those; every global sum is
+//! formed from per-tensor partial sums combined across ranks, then added in
+//! the order one process adds them. Unsharded, combining is a no-op.
 
 use crate::backend::noise;
 use crate::backend::{AdamWItem, AdamWStep, AxpyItem, TensorOps};
@@ -24,6 +29,7 @@ use crate::config::{validate_lr, Config, Perturbation, Scope, Space};
 use crate::error::{MgpoError, Result};
 use crate::layout::Layout;
 use crate::named::{NamedGrads, NamedTensors};
+use crate::shard::{OneProcess, PartialSums, Shard};
 
 /// AdamW's moments of one trainable tensor.
 #[derive(Debug, Clone)]
@@ -41,7 +47,8 @@ pub struct State<T> {
     pub step: u64,
     /// Steps skipped for non-finite gradients.
     pub skipped: u64,
-    /// Per trainable tensor; empty until the first completed step.
+    /// Per trainable tensor, in layout order (sharded: per tensor this rank
+    /// owns, see [`Shard::owned`]); empty until the first completed step.
     pub moments: Vec<Moments<T>>,
     /// Per group; `None` until the group's first completed step.
     pub g_bar: Vec<Option<f64>>,
@@ -120,8 +127,8 @@ struct Applied {
     norm: Vec<f64>,
 }
 
-/// The LoRA-MGPO optimizer over a backend `B`.
-pub struct Mgpo<B: TensorOps> {
+/// The LoRA-MGPO optimizer over a backend `B`, one of `S::size()` ranks.
+pub struct Mgpo<B: TensorOps, S: PartialSums = OneProcess> {
     backend: B,
     config: Config,
     layout: Layout,
@@ -129,8 +136,17 @@ pub struct Mgpo<B: TensorOps> {
     /// Adapter space: the group of each trainable tensor (`None` in weight space).
     group_of: Vec<Option<usize>>,
     state: State<B::Tensor>,
-    /// ||m||^2 of each tensor, left by the last AdamW pass.
+    /// Whether the moments exist (after the first completed step, or set):
+    /// the same on every rank, even one that owns no tensor.
+    has_moments: bool,
+    /// ||m||^2 of each owned tensor, left by the last AdamW pass (0 for others).
     m_sq: Vec<f64>,
+    shard: Shard,
+    sums: S,
+    /// Sharded, weight space: m of the adapter tensors other ranks own, which
+    /// the perturbation of W0 needs; the driver copies in the owners' values
+    /// after every step ([`Mgpo::replica_exchange`]).
+    replicas: Vec<Option<B::Tensor>>,
     applied: Option<Applied>,
     last_report: Option<StepReport>,
 }
@@ -138,7 +154,19 @@ pub struct Mgpo<B: TensorOps> {
 impl<B: TensorOps> Mgpo<B> {
     /// An optimizer for the tensors of `layout`, computing on `backend`.
     pub fn new(backend: B, config: Config, layout: Layout) -> Result<Self> {
+        Mgpo::sharded(backend, config, layout, OneProcess)
+    }
+}
+
+impl<B: TensorOps, S: PartialSums> Mgpo<B, S> {
+    /// Rank `sums.rank()`'s part of an optimizer sharded over `sums.size()`
+    /// ranks (ZeRO stage 1): it keeps and updates the moments of the tensors
+    /// [`Shard::new`] gives it and combines partial sums through `sums`. Each
+    /// call needs every tensor's current value and the summed gradients of
+    /// the tensors this rank owns (a driver, crate `mgpo-mpi`, moves them).
+    pub fn sharded(backend: B, config: Config, layout: Layout, sums: S) -> Result<Self> {
         config.validate()?;
+        let shard = Shard::new(&layout, sums.rank(), sums.size())?;
         let gaussian = matches!(config.perturbation, Perturbation::Gaussian { .. });
         if let Some(ad) = layout.adapters.iter().find(|ad| gaussian && config.space == Space::Weight && ad.w0.is_none()) {
             return Err(MgpoError::AdapterShape {
@@ -157,7 +185,8 @@ impl<B: TensorOps> Mgpo<B> {
         }
         let state = State { step: 0, skipped: 0, moments: Vec::new(), g_bar: vec![None; groups.len()] };
         let m_sq = vec![0.0; layout.tensors.len()];
-        Ok(Mgpo { backend, config, layout, groups, group_of, state, m_sq, applied: None, last_report: None })
+        let replicas = layout.tensors.iter().map(|_| None).collect();
+        Ok(Mgpo { backend, config, layout, groups, group_of, state, has_moments: false, m_sq, shard, sums, replicas, applied: None, last_report: None })
     }
 
     /// Computes the perturbation from m_{t-1} and g_bar_{t-1} and adds it to
@@ -211,29 +240,30 @@ impl<B: TensorOps> Mgpo<B> {
         let grads = self.check_grads(grads)?;
         let be = &self.backend;
 
-        let sq = be.sum_sq_many(&grads)?;
-        let mut finite = true;
-        for (g, s) in grads.iter().zip(&sq) {
-            finite &= s.is_finite() || be.all_finite(g)?;
-        }
-        if !finite {
+        let sums = self.grad_sums(params, &grads)?;
+        let (sq, rest) = sums.split_at(grads.len());
+        if rest[0] != 0.0 {
             self.unperturb(params)?;
             self.state.skipped += 1;
             return Ok(self.report(None, true, &vec![f64::NAN; self.groups.len()], f64::NAN, 1.0));
         }
 
-        let fresh = if self.has_state() {
+        let fresh = if self.has_moments {
             None
         } else {
-            let mut ms = Vec::with_capacity(grads.len());
-            for t in 0..grads.len() {
+            let mut ms = Vec::new();
+            for t in self.shard.owned() {
                 let p = params.tensor(t);
                 ms.push(Moments { m: be.zeros_like(p)?, v: be.zeros_like(p)? });
             }
-            Some(ms)
+            let mut replicas = Vec::with_capacity(grads.len());
+            for t in 0..grads.len() {
+                replicas.push(if self.replicated(t) { Some(be.zeros_like(params.tensor(t))?) } else { None });
+            }
+            Some((ms, replicas))
         };
 
-        let group_norms = self.group_grad_norms(params, &grads, &sq)?;
+        let group_norms = self.group_grad_norms(sq, &rest[1..]);
         let total = sq.iter().sum::<f64>().sqrt();
         let clip = clip_factor(self.config.max_grad_norm, total);
 
@@ -242,8 +272,10 @@ impl<B: TensorOps> Mgpo<B> {
             self.apply_perturbation(params, -1.0)?;
         }
         let applied = self.applied.take();
-        if let Some(ms) = fresh {
+        if let Some((ms, replicas)) = fresh {
             self.state.moments = ms;
+            self.replicas = replicas;
+            self.has_moments = true;
         }
         for (gb, &n) in self.state.g_bar.iter_mut().zip(&group_norms) {
             let b = self.config.beta;
@@ -271,26 +303,30 @@ impl<B: TensorOps> Mgpo<B> {
                 }
             })
             .collect();
+        let shard = &self.shard;
         let mut items: Vec<AdamWItem<'_, B::Tensor>> = params
             .tensors_mut()
             .into_iter()
-            .zip(&grads)
+            .enumerate()
+            .filter(|(t, _)| shard.owns(*t))
             .zip(&mut self.state.moments)
-            .zip(self.group_of.iter().zip(&self.layout.tensors))
-            .map(|(((p, g), Moments { m, v }), (gi, info))| {
-                let unperturb = match (&applied, gi, fused_removal) {
-                    (Some(ap), Some(gi), true) => ap.coef[*gi],
+            .map(|((t, p), Moments { m, v })| {
+                let unperturb = match (&applied, self.group_of[t], fused_removal) {
+                    (Some(ap), Some(gi), true) => ap.coef[gi],
                     _ => 0.0,
                 };
-                AdamWItem { p, g, m, v, k: AdamWStep { unperturb, ..consts[info.param_group] } }
+                AdamWItem { p, g: grads[t], m, v, k: AdamWStep { unperturb, ..consts[self.layout.tensors[t].param_group] } }
             })
             .collect();
         let m_sq = self.backend.adamw_many(&mut items)?;
+        let owned = items.len();
         drop(items);
-        if m_sq.len() != self.m_sq.len() {
-            return Err(MgpoError::Backend(format!("adamw_many returned {} sums for {} tensors", m_sq.len(), self.m_sq.len())));
+        if m_sq.len() != owned {
+            return Err(MgpoError::Backend(format!("adamw_many returned {} sums for {owned} tensors", m_sq.len())));
         }
-        self.m_sq = m_sq;
+        for (t, s) in self.shard.owned().zip(m_sq) {
+            self.m_sq[t] = s;
+        }
         self.state.step = t;
         Ok(self.report(applied.as_ref(), false, &group_norms, total, clip))
     }
@@ -312,11 +348,8 @@ impl<B: TensorOps> Mgpo<B> {
         let ad = self.layout.adapters.get(adapter)?;
         let coef = *ap.coef.get(adapter)?;
         let factored = self.config.space == Space::Weight && self.config.perturbation == Perturbation::Momentum && ad.w0.is_none();
-        (factored && coef != 0.0).then(|| WeightPerturbation {
-            coef,
-            m_b: &self.state.moments[ad.b].m,
-            m_a: &self.state.moments[ad.a].m,
-        })
+        let (m_b, m_a) = (self.first_moment(ad.b).ok()?, self.first_moment(ad.a).ok()?);
+        (factored && coef != 0.0).then_some(WeightPerturbation { coef, m_b, m_a })
     }
 
     /// Sets the learning rate of the following steps (a schedule).
@@ -346,9 +379,48 @@ impl<B: TensorOps> Mgpo<B> {
     pub fn backend(&self) -> &B {
         &self.backend
     }
-    /// The optimizer state (m, v per tensor, g_bar per group, step counts).
+    /// The optimizer state (m, v per tensor, g_bar per group, step counts);
+    /// sharded, the moments of this rank's own tensors.
     pub fn state(&self) -> &State<B::Tensor> {
         &self.state
+    }
+    /// Which rank owns which tensor's moments (one rank owning all, unsharded).
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+    /// For a sharded run's driver in weight space: the first moments of the
+    /// adapter tensors this rank owns, to send, and its replicas of those
+    /// other ranks own, to overwrite with the owners' values after every
+    /// step; each with its tensor index. Empty before the first step and
+    /// in adapter space.
+    #[allow(clippy::type_complexity)]
+    pub fn replica_exchange(&mut self) -> (Vec<(usize, &B::Tensor)>, Vec<(usize, &mut B::Tensor)>) {
+        let sent: Vec<usize> = self.shard.owned().filter(|&t| self.replicated_unit(t)).collect();
+        let mine = self.shard.owned().zip(&self.state.moments).filter(|(t, _)| sent.contains(t)).map(|(t, mv)| (t, &mv.m)).collect();
+        let theirs = self.replicas.iter_mut().enumerate().filter_map(|(t, r)| r.as_mut().map(|r| (t, r))).collect();
+        (mine, theirs)
+    }
+    /// Whether every rank needs trainable tensor `t`'s first moment: sharded,
+    /// in weight space with the momentum direction, the tensors of adapters
+    /// (the perturbation of W0_i is built from m_A and m_B on every rank).
+    /// A driver sends these from their owners after every step.
+    pub fn replicated_moment(&self, t: usize) -> bool {
+        self.replicated_unit(t)
+    }
+    /// Whether the moments exist (a step has completed, or a state with
+    /// moments was set), on every rank alike, even one that owns no tensor.
+    pub fn has_moments(&self) -> bool {
+        self.has_moments
+    }
+    /// Elements of m and v this rank holds, replicas of m included: times
+    /// the element size, the optimizer's memory for moments (2 per
+    /// parameter unsharded; about 2 / N of them per rank sharded N ways in
+    /// adapter space, plus one per adapter parameter owned elsewhere in
+    /// weight space).
+    pub fn moment_elems(&self) -> usize {
+        let numel = |t: &B::Tensor| self.backend.shape(t).iter().product::<usize>();
+        let own: usize = self.state.moments.iter().map(|mv| numel(&mv.m) + numel(&mv.v)).sum();
+        own + self.replicas.iter().flatten().map(numel).sum::<usize>()
     }
     /// Whether a perturbation is applied (between `perturb` and `step`).
     pub fn is_perturbed(&self) -> bool {
@@ -361,7 +433,8 @@ impl<B: TensorOps> Mgpo<B> {
 
     /// Replaces the optimizer state (a checkpoint being loaded). Refused,
     /// with the state left as it was, while perturbed or when the shapes or
-    /// group count do not match.
+    /// group count do not match. Always the whole state, moments of every
+    /// tensor; sharded, the rank keeps its own tensors' (and its replicas).
     pub fn set_state(&mut self, state: State<B::Tensor>) -> Result<()> {
         if self.applied.is_some() {
             return Err(MgpoError::AlreadyPerturbed);
@@ -383,17 +456,50 @@ impl<B: TensorOps> Mgpo<B> {
                 }
             }
         }
-        let mut m_sq = vec![0.0; self.layout.tensors.len()];
-        for (s, mv) in m_sq.iter_mut().zip(&state.moments) {
-            *s = self.backend.sum_sq(&mv.m)?;
+        let n = self.layout.tensors.len();
+        let mut m_sq = vec![0.0; n];
+        for (t, mv) in state.moments.iter().enumerate().filter(|(t, _)| self.shard.owns(*t)) {
+            m_sq[t] = self.backend.sum_sq(&mv.m)?;
         }
+        let State { step, skipped, moments: all, g_bar } = state;
+        let has_moments = !all.is_empty();
+        let (mut moments, mut replicas) = (Vec::new(), Vec::with_capacity(n));
+        for (t, Moments { m, v }) in all.into_iter().enumerate() {
+            if self.shard.owns(t) {
+                moments.push(Moments { m, v });
+                replicas.push(None);
+            } else {
+                replicas.push(self.replicated(t).then_some(m));
+            }
+        }
+        replicas.resize_with(n, || None);
         self.m_sq = m_sq;
-        self.state = state;
+        self.state = State { step, skipped, moments, g_bar };
+        self.has_moments = has_moments;
+        self.replicas = replicas;
         Ok(())
     }
 
-    fn has_state(&self) -> bool {
-        !self.state.moments.is_empty()
+    /// Whether this rank keeps a replica of tensor `t`'s m: sharded, in weight
+    /// space, an adapter tensor another rank owns.
+    fn replicated(&self, t: usize) -> bool {
+        !self.shard.owns(t) && self.replicated_unit(t)
+    }
+
+    /// Whether tensor `t`'s m is needed on every rank: sharded, weight space
+    /// with the momentum direction, a tensor of an adapter.
+    fn replicated_unit(&self, t: usize) -> bool {
+        let weight = self.config.space == Space::Weight && self.config.perturbation == Perturbation::Momentum;
+        weight && self.shard.size() > 1 && self.layout.adapters.iter().any(|ad| ad.a == t || ad.b == t)
+    }
+
+    /// m of tensor `t`: this rank's own, or its replica.
+    fn first_moment(&self, t: usize) -> Result<&B::Tensor> {
+        match self.shard.slot(t) {
+            Some(i) => self.state.moments.get(i).map(|mv| &mv.m),
+            None => self.replicas.get(t).and_then(Option::as_ref),
+        }
+        .ok_or_else(|| MgpoError::Corrupt(format!("no first moment of `{}` on rank {}", self.layout.tensors[t].name, self.shard.rank())))
     }
 
     /// The coefficients of the perturbation of this step (docs/spec.md, step 1).
@@ -406,33 +512,17 @@ impl<B: TensorOps> Mgpo<B> {
             inv_scale: vec![1.0; n_groups],
             norm: vec![0.0; n_groups],
         };
-        if !self.has_state() || cfg.rho == 0.0 {
+        if !self.has_moments || cfg.rho == 0.0 {
             return Ok(ap);
         }
-        let ms = &self.state.moments;
+        let d = self.direction_sq(params)?;
         for (gi, g) in self.groups.iter().enumerate() {
             let n = match (cfg.space, cfg.perturbation) {
-                (Space::Adapter, Perturbation::Momentum) => g.members.iter().map(|&t| self.m_sq[t]).sum::<f64>().sqrt(),
-                (Space::Adapter, Perturbation::Gaussian { seed }) => g
-                    .members
-                    .iter()
-                    .map(|&t| noise::sum_sq(noise::tensor_seed(seed, self.state.step + 1, t), self.layout.tensors[t].shape.iter().product()))
-                    .sum::<f64>()
-                    .sqrt(),
-                (Space::Weight, Perturbation::Gaussian { seed }) => g
-                    .members
-                    .iter()
-                    .filter_map(|&i| self.layout.adapters[i].w0)
-                    .map(|w| noise::sum_sq(noise::tensor_seed(seed, self.state.step + 1, w), self.layout.frozen[w].shape.iter().product()))
-                    .sum::<f64>()
-                    .sqrt(),
+                (Space::Adapter, _) | (Space::Weight, Perturbation::Gaussian { .. }) => g.members.iter().map(|&i| d[i]).sum::<f64>().sqrt(),
                 (Space::Weight, Perturbation::Momentum) => {
                     let mut s = 0.0;
                     for &i in &g.members {
-                        let ad = &self.layout.adapters[i];
-                        let (a, b) = (params.tensor(ad.a), params.tensor(ad.b));
-                        let f = self.backend.low_rank_norm_sq(&ms[ad.b].m, a, b, &ms[ad.a].m)?;
-                        s += ad.scale * ad.scale * f;
+                        s += d[i];
                     }
                     s.sqrt()
                 }
@@ -465,35 +555,86 @@ impl<B: TensorOps> Mgpo<B> {
         Ok(ap)
     }
 
-    /// ||g|| per group (docs/spec.md, step 3.3), from the raw gradients.
-    fn group_grad_norms<P: NamedTensors<B::Tensor> + ?Sized>(&self, params: &P, grads: &[&B::Tensor], sq: &[f64]) -> Result<Vec<f64>> {
-        let mut out = Vec::with_capacity(self.groups.len());
-        for g in &self.groups {
-            let s = match self.config.space {
-                Space::Adapter => g.members.iter().map(|&t| sq[t]).sum::<f64>(),
-                Space::Weight => {
-                    let mut s = 0.0;
-                    for &i in &g.members {
-                        let ad = &self.layout.adapters[i];
-                        let (a, b) = (params.tensor(ad.a), params.tensor(ad.b));
-                        s += ad.scale * ad.scale * self.backend.low_rank_norm_sq(grads[ad.b], a, b, grads[ad.a])?;
-                    }
-                    s
+    /// The squared norm of the step's direction (docs/spec.md, step 1) per
+    /// member of a group: ||d_t||^2 per trainable tensor (adapter space),
+    /// s_i^2 ||m_B A + B m_A||^2 or ||noise on W0_i||^2 per adapter (weight
+    /// space). Each rank computes its own tensors' and adapters'; combined.
+    fn direction_sq<P: NamedTensors<B::Tensor> + ?Sized>(&self, params: &P) -> Result<Vec<f64>> {
+        let mut d = self.m_sq.clone();
+        let next = self.state.step + 1;
+        let owned_adapters = self.layout.adapters.iter().enumerate().filter(|(_, ad)| self.shard.owns(ad.a));
+        match (self.config.space, self.config.perturbation) {
+            (Space::Adapter, Perturbation::Momentum) => {}
+            (Space::Adapter, Perturbation::Gaussian { seed }) => {
+                for t in self.shard.owned() {
+                    d[t] = noise::sum_sq(noise::tensor_seed(seed, next, t), self.layout.tensors[t].shape.iter().product());
                 }
-            };
-            out.push(s.sqrt());
+            }
+            (Space::Weight, perturbation) => {
+                d = vec![0.0; self.layout.adapters.len()];
+                for (i, ad) in owned_adapters {
+                    d[i] = match (perturbation, ad.w0) {
+                        (Perturbation::Gaussian { seed }, Some(w)) => noise::sum_sq(noise::tensor_seed(seed, next, w), self.layout.frozen[w].shape.iter().product()),
+                        (Perturbation::Gaussian { .. }, None) => 0.0,
+                        (Perturbation::Momentum, _) => {
+                            let (a, b) = (params.tensor(ad.a), params.tensor(ad.b));
+                            ad.scale * ad.scale * self.backend.low_rank_norm_sq(self.first_moment(ad.b)?, a, b, self.first_moment(ad.a)?)?
+                        }
+                    };
+                }
+            }
         }
-        Ok(out)
+        self.sums.all_reduce(&mut d)?;
+        Ok(d)
+    }
+
+    /// This step's sums over the gradients, each computed by the rank that
+    /// owns the tensor and combined: ||g_t||^2 per trainable tensor, then the
+    /// number of tensors with a non-finite entry, then (weight space)
+    /// s_i^2 ||g_B A + B g_A||^2 per adapter (docs/spec.md, step 3.3).
+    fn grad_sums<P: NamedTensors<B::Tensor> + ?Sized>(&self, params: &P, grads: &[&B::Tensor]) -> Result<Vec<f64>> {
+        let (n, be) = (grads.len(), &self.backend);
+        let per_adapter = if self.config.space == Space::Weight { self.layout.adapters.len() } else { 0 };
+        let mut sums = vec![0.0; n + 1 + per_adapter];
+        let owned: Vec<usize> = self.shard.owned().collect();
+        let sq = be.sum_sq_many(&owned.iter().map(|&t| grads[t]).collect::<Vec<_>>())?;
+        for (&t, s) in owned.iter().zip(sq) {
+            sums[t] = s;
+            if !(s.is_finite() || be.all_finite(grads[t])?) {
+                sums[n] += 1.0;
+            }
+        }
+        for (i, ad) in self.layout.adapters.iter().enumerate().filter(|(_, ad)| per_adapter > 0 && self.shard.owns(ad.a)) {
+            let (a, b) = (params.tensor(ad.a), params.tensor(ad.b));
+            sums[n + 1 + i] = ad.scale * ad.scale * be.low_rank_norm_sq(grads[ad.b], a, b, grads[ad.a])?;
+        }
+        self.sums.all_reduce(&mut sums)?;
+        Ok(sums)
+    }
+
+    /// ||g|| per group (docs/spec.md, step 3.3) from [`Mgpo::grad_sums`]:
+    /// per-tensor sums in adapter space, per-adapter sums in weight space.
+    fn group_grad_norms(&self, sq: &[f64], adapter_sq: &[f64]) -> Vec<f64> {
+        let sum = |g: &Group| match self.config.space {
+            Space::Adapter => g.members.iter().map(|&t| sq[t]).sum::<f64>(),
+            Space::Weight => {
+                let mut s = 0.0;
+                for &i in &g.members {
+                    s += adapter_sq[i];
+                }
+                s
+            }
+        };
+        self.groups.iter().map(|g| sum(g).sqrt()).collect()
     }
 
     /// Adds (`sign` 1) or removes (-1) the recorded perturbation: theta or
     /// W0 in place; nothing for adapters perturbed in factored form.
     fn apply_perturbation<P: NamedTensors<B::Tensor> + ?Sized>(&self, tensors: &mut P, sign: f64) -> Result<()> {
         let Some(ap) = &self.applied else { return Ok(()) };
-        if !self.has_state() {
+        if !self.has_moments {
             return Ok(());
         }
-        let ms = &self.state.moments;
         match self.config.space {
             Space::Adapter => self.move_adapter_params(tensors, ap, sign)?,
             Space::Weight => {
@@ -504,7 +645,7 @@ impl<B: TensorOps> Mgpo<B> {
                         let mut all = tensors.tensors_mut();
                         let (params, frozen) = all.split_at_mut(n);
                         match self.config.perturbation {
-                            Perturbation::Momentum => self.backend.add_low_rank(frozen[w], c, &ms[ad.b].m, params[ad.a], params[ad.b], &ms[ad.a].m)?,
+                            Perturbation::Momentum => self.backend.add_low_rank(frozen[w], c, self.first_moment(ad.b)?, params[ad.a], params[ad.b], self.first_moment(ad.a)?)?,
                             Perturbation::Gaussian { seed } => self.backend.axpy_noise(frozen[w], c, noise::tensor_seed(seed, self.state.step + 1, w))?,
                         }
                     }
@@ -522,16 +663,16 @@ impl<B: TensorOps> Mgpo<B> {
                 let mut items: Vec<AxpyItem<'_, B::Tensor>> = params
                     .tensors_mut()
                     .into_iter()
-                    .take(self.group_of.len())
-                    .zip(&self.state.moments)
                     .enumerate()
-                    .filter(|&(t, _)| coef(t) != 0.0)
-                    .map(|(t, (y, mv))| AxpyItem { y, alpha: coef(t), x: &mv.m })
+                    .filter(|(t, _)| self.shard.owns(*t))
+                    .zip(&self.state.moments)
+                    .filter(|((t, _), _)| coef(*t) != 0.0)
+                    .map(|((t, y), mv)| AxpyItem { y, alpha: coef(t), x: &mv.m })
                     .collect();
                 self.backend.axpy_many(&mut items)
             }
             Perturbation::Gaussian { seed } => {
-                for t in (0..self.group_of.len()).filter(|&t| coef(t) != 0.0) {
+                for t in self.shard.owned().filter(|&t| coef(t) != 0.0) {
                     self.backend.axpy_noise(params.tensor_mut(t), coef(t), noise::tensor_seed(seed, self.state.step + 1, t))?;
                 }
                 Ok(())

@@ -1,4 +1,5 @@
-//! Data-parallel LoRA-MGPO fine-tuning of an MLP on ndarray, over MPI.
+//! Data-parallel LoRA-MGPO fine-tuning of an MLP on ndarray, over MPI,
+//! with the optimizer whole on every rank or sharded (ZeRO stage 1).
 //!
 //! Every rank builds the network (frozen base weights, a LoRA adapter on
 //! every linear layer) and the optimizer, starts from rank 0's parameters
@@ -27,43 +28,54 @@
 //! step, as a failing forward pass would: the job must end, not hang),
 //! `--all-reduce native|scatter-gather` (mgpo_mpi::AllReduce), `--out FILE`
 //! (rank 0 writes every rank's final tensors there: for each rank, its
-//! trainable tensors then its base weights, as little-endian f64). Rank 0
+//! trainable tensors then its base weights, as little-endian f64),
+//! `--zero` (sharded optimizer state, ZeRO stage 1: mgpo_mpi::Zero instead
+//! of the all-reduce), `--exact` (rank 0 takes the whole batch and the
+//! others contribute zero gradients, so that the summed gradient is exact
+//! and a run must equal one process bit for bit), `--save-at K --ckpt DIR`
+//! (after step K, a single-process optimizer checkpoint DIR/opt.safetensors,
+//! gathered from the shards under `--zero`, and the tensors DIR/params.bin),
+//! `--resume DIR` (start from such a checkpoint, sharded or not), `--groups`
+//! (AdamW parameter groups: fc1 at half the learning rate, no decay). Rank 0
 //! prints one JSON line with the losses, the timings and the bytes
 //! communicated.
 
 use std::error::Error;
 use std::time::Instant;
 
-use mgpo_core::{Config, Layout, Space};
-use mgpo_mpi::{shard_range, AllReduce, Buf, BufMut, Collective, DataParallel, MpiComm, Scalar, SingleProcess, DEFAULT_BUCKET_ELEMS};
+use mgpo_core::{Config, Layout, OneProcess, ParamGroup, PartialSums, Space};
+use mgpo_mpi::{shard_range, AllReduce, Buf, BufMut, Collective, CollectiveSums, CommStats, DataParallel, MpiComm, Scalar, SingleProcess, Zero, DEFAULT_BUCKET_ELEMS};
 use mgpo_ndarray::Element;
 use ndarray::{linalg::general_mat_mul, Array1, Array2, ArrayD, ArrayView2, ArrayViewMut2, Axis, Ix2, IxDyn};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
-/// Every call into the optimizer, in one place: its per-call API is about
-/// to take tensors by name, and only this module will change.
+/// Every call into the optimizer, in one place.
 mod optimizer {
-    use mgpo_core::{Config, Layout, StepReport};
-    use mgpo_ndarray::{Element, MgpoOptimizer, NdBackend};
+    use mgpo_core::{Config, Layout, Mgpo, PartialSums, StepReport};
+    use mgpo_ndarray::{Element, NdBackend};
     use ndarray::ArrayD;
 
-    pub fn build<F: Element>(config: Config, layout: Layout) -> mgpo_core::Result<MgpoOptimizer<F>> {
-        MgpoOptimizer::new(NdBackend::new(), config, layout)
+    /// The optimizer of one rank: sharded over `sums`' ranks (ZeRO-1), or
+    /// whole with [`mgpo_core::OneProcess`].
+    pub type Opt<F, S> = Mgpo<NdBackend<F>, S>;
+
+    pub fn build<F: Element, S: PartialSums>(config: Config, layout: Layout, sums: S) -> mgpo_core::Result<Opt<F, S>> {
+        Mgpo::sharded(NdBackend::new(), config, layout, sums)
     }
 
     /// The layout's names (trainable tensors, then W0s), which every call checks.
-    fn names<F: Element>(opt: &MgpoOptimizer<F>) -> Vec<String> {
+    fn names<F: Element, S: PartialSums>(opt: &Opt<F, S>) -> Vec<String> {
         opt.layout().names().map(str::to_string).collect()
     }
 
-    pub fn perturb<F: Element>(opt: &mut MgpoOptimizer<F>, params: &mut [ArrayD<F>], frozen: &mut [ArrayD<F>]) -> mgpo_core::Result<()> {
+    pub fn perturb<F: Element, S: PartialSums>(opt: &mut Opt<F, S>, params: &mut [ArrayD<F>], frozen: &mut [ArrayD<F>]) -> mgpo_core::Result<()> {
         let names = names(opt);
         let mut named: Vec<(&str, &mut ArrayD<F>)> = names.iter().map(String::as_str).zip(params.iter_mut().chain(frozen.iter_mut())).collect();
         opt.perturb(&mut named)
     }
 
-    pub fn step<F: Element>(opt: &mut MgpoOptimizer<F>, params: &mut [ArrayD<F>], frozen: &mut [ArrayD<F>], grads: &[ArrayD<F>]) -> mgpo_core::Result<StepReport> {
+    pub fn step<F: Element, S: PartialSums>(opt: &mut Opt<F, S>, params: &mut [ArrayD<F>], frozen: &mut [ArrayD<F>], grads: &[ArrayD<F>]) -> mgpo_core::Result<StepReport> {
         let names = names(opt);
         let grads: Vec<(&str, &ArrayD<F>)> = names.iter().map(String::as_str).zip(grads).collect();
         let mut named: Vec<(&str, &mut ArrayD<F>)> = names.iter().map(String::as_str).zip(params.iter_mut().chain(frozen.iter_mut())).collect();
@@ -86,6 +98,12 @@ struct Args {
     fail_rank: Option<usize>,
     all_reduce: AllReduce,
     out: Option<String>,
+    zero: bool,
+    exact: bool,
+    groups: bool,
+    save_at: Option<usize>,
+    ckpt: Option<String>,
+    resume: Option<String>,
 }
 
 fn parse_args() -> Res<Args> {
@@ -104,12 +122,21 @@ fn parse_args() -> Res<Args> {
         fail_rank: None,
         all_reduce: AllReduce::Native,
         out: None,
+        zero: false,
+        exact: false,
+        groups: false,
+        save_at: None,
+        ckpt: None,
+        resume: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        if flag == "--single" || flag == "--time-wait" {
+        if ["--single", "--time-wait", "--zero", "--exact", "--groups"].contains(&flag.as_str()) {
+            a.groups |= flag == "--groups";
             a.single |= flag == "--single";
             a.time_wait |= flag == "--time-wait";
+            a.zero |= flag == "--zero";
+            a.exact |= flag == "--exact";
             continue;
         }
         let v = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -125,6 +152,9 @@ fn parse_args() -> Res<Args> {
             "--warmup" => a.warmup = v.parse()?,
             "--out" => a.out = Some(v),
             "--fail-rank" => a.fail_rank = Some(v.parse()?),
+            "--save-at" => a.save_at = Some(v.parse()?),
+            "--ckpt" => a.ckpt = Some(v),
+            "--resume" => a.resume = Some(v),
             "--all-reduce" => {
                 a.all_reduce = match v.as_str() {
                     "native" => AllReduce::Native,
@@ -140,6 +170,9 @@ fn parse_args() -> Res<Args> {
     }
     if a.batch == 0 || a.steps == 0 {
         return Err("--batch and --steps must be at least 1".into());
+    }
+    if a.save_at.is_some() && a.ckpt.is_none() {
+        return Err("--save-at needs --ckpt DIR".into());
     }
     Ok(a)
 }
@@ -227,7 +260,7 @@ impl<F: Element> Net<F> {
     /// space). The adapters are drawn from `init_seed`, as a program whose
     /// ranks seed their generators differently would; the base weights are
     /// the same everywhere, as if loaded from one checkpoint.
-    fn new(widths: &[usize], rank: usize, space: Space, init_seed: u64) -> Res<Built<F>> {
+    fn new(widths: &[usize], rank: usize, space: Space, init_seed: u64, groups: bool) -> Res<Built<F>> {
         let mut layout = Layout::builder();
         let (mut params, mut frozen, mut bias) = (Vec::new(), Vec::new(), Vec::new());
         for l in 0..widths.len() - 1 {
@@ -245,6 +278,10 @@ impl<F: Element> Net<F> {
                 params.push(w0);
                 layout = layout.plain(&name, &[out, inp]);
             }
+        }
+        if groups {
+            // AdamW's parameter groups: the first layer at half the learning rate, without weight decay.
+            layout = layout.param_group_where(ParamGroup::new("first").lr_scale(0.5).weight_decay(0.0), |n| n.starts_with("fc1"));
         }
         let scale = F::from(ALPHA / rank.max(1) as f64).unwrap_or_else(F::nan);
         Ok((Net { widths: widths.to_vec(), rank, scale, bias }, params, frozen, layout.build()?))
@@ -340,66 +377,139 @@ struct Clock {
     steps: usize,
 }
 
-fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
+/// Both drivers' transfers so far.
+fn traffic<C: Collective, F: Scalar>(dp: &DataParallel<C, F>, zero: &Option<Zero<C, F>>) -> CommStats {
+    let (a, b) = (dp.stats(), zero.as_ref().map(Zero::stats).unwrap_or_default());
+    CommStats { calls: a.calls + b.calls, elements: a.elements + b.elements, bytes: a.bytes + b.bytes }
+}
+
+/// The trainable tensors then the base weights, as little-endian f64.
+fn tensors_bytes<F: Element>(params: &[ArrayD<F>], frozen: &[ArrayD<F>]) -> Vec<u8> {
+    params.iter().chain(frozen).flat_map(|t| t.iter().map(|v| v.to_f64().unwrap_or(f64::NAN))).flat_map(f64::to_le_bytes).collect()
+}
+
+fn run<F: Element + Scalar, C: Collective, S: PartialSums>(comm: C, sums: S, args: &Args) -> Res<()> {
     let (rank, size) = (comm.rank(), comm.size());
     let config = Config::preset(&args.preset, args.lr).ok_or_else(|| format!("unknown preset {}; known: {:?}", args.preset, Config::PRESETS))?;
-    let (net, mut params, mut frozen, layout) = Net::<F>::new(&args.widths, args.rank, config.space, 1000 * rank as u64)?;
+    let (net, mut params, mut frozen, layout) = Net::<F>::new(&args.widths, args.rank, config.space, 1000 * rank as u64, args.groups)?;
     let n_params = layout.num_params();
-    let mut opt = optimizer::build::<F>(config, layout)?;
+    let mut opt = optimizer::build::<F, S>(config, layout, sums)?;
     let mut grads: Vec<ArrayD<F>> = params.iter().map(|p| ArrayD::zeros(p.raw_dim())).collect();
     let mut dp = DataParallel::<_, F>::new(&comm, args.bucket_elems)?;
     // The ranks drew different adapters: start them all from rank 0's.
     dp.broadcast(&mut params, 0)?;
     dp.broadcast(&mut frozen, 0)?;
-    let broadcast_stats = dp.stats();
+    let mut zero = if args.zero { Some(Zero::<_, F>::new(&comm, &opt, args.bucket_elems)?) } else { None };
     let data = Data::new(args.widths[0], *args.widths.last().unwrap_or(&1));
+
+    let mut start = 0;
+    if let Some(dir) = &args.resume {
+        let dir = std::path::Path::new(dir);
+        let bytes = std::fs::read(dir.join("params.bin"))?;
+        let mut values = bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or_default()));
+        for t in params.iter_mut().chain(frozen.iter_mut()) {
+            for x in t.iter_mut() {
+                *x = F::from(values.next().ok_or("params.bin is too short")?).unwrap_or_else(F::nan);
+            }
+        }
+        if values.next().is_some() {
+            return Err("params.bin is too long".into());
+        }
+        opt.load_checkpoint(dir.join("opt.safetensors"))?;
+        start = (opt.state().step + opt.state().skipped) as usize;
+    }
 
     let mut losses = Vec::new();
     let mut clock = Clock::default();
-    let mut stats_after_warmup = broadcast_stats;
+    let mut stats_after_warmup = traffic(&dp, &zero);
     let mut cpu_after_warmup = None;
-    for step in 0..args.steps {
-        if step == args.warmup {
-            stats_after_warmup = dp.stats();
+    for step in start..args.steps {
+        if step == start + args.warmup {
+            stats_after_warmup = traffic(&dp, &zero);
             cpu_after_warmup = cpu_ms();
         }
         let t0 = Instant::now();
         optimizer::perturb(&mut opt, &mut params, &mut frozen)?;
+        let t1a = Instant::now();
+        if let Some(z) = &mut zero {
+            z.before_forward(&mut params)?;
+        }
         let t1 = Instant::now();
         let first = step * args.batch;
-        let mine = shard_range(args.batch, rank, size);
-        let (x, labels) = data.batch::<F>(first + mine.start..first + mine.end);
+        let mine = match args.exact {
+            // One rank takes the whole batch and the others add zeros: the
+            // sum is exact, so the runs must equal one process bit for bit.
+            true if rank == 0 => 0..args.batch,
+            true => 0..0,
+            false => shard_range(args.batch, rank, size),
+        };
         if args.fail_rank == Some(rank) && step == 1 {
             return Err(format!("rank {rank}: forward pass failed (--fail-rank)").into());
         }
-        let mut loss = [net.loss_and_grads(&params, &frozen, x, &labels, args.batch, &mut grads)?];
+        let mut loss = [0.0];
+        if mine.is_empty() {
+            grads.iter_mut().for_each(|g| g.fill(F::zero()));
+        } else {
+            let (x, labels) = data.batch::<F>(first + mine.start..first + mine.end);
+            loss[0] = net.loss_and_grads(&params, &frozen, x, &labels, args.batch, &mut grads)?;
+        }
         let t2 = Instant::now();
         if args.time_wait {
             comm.barrier()?;
         }
         let t2b = Instant::now();
-        dp.all_reduce(&mut grads, 1.0)?;
+        match &mut zero {
+            Some(z) => z.reduce_scatter(&mut grads, 1.0)?,
+            None => dp.all_reduce(&mut grads, 1.0)?,
+        }
         let t3 = Instant::now();
         let report = optimizer::step(&mut opt, &mut params, &mut frozen, &grads)?;
+        let t3b = Instant::now();
+        if let Some(z) = &mut zero {
+            z.after_step(&mut opt, &mut params)?;
+        }
         let t4 = Instant::now();
         if report.skipped {
             return Err(format!("step {step} was skipped: non-finite gradients").into());
         }
-        if step == 0 || step + 1 == args.steps {
+        if step == start || step + 1 == args.steps {
             comm.all_reduce_partial_sums(&mut loss)?;
             losses.push(loss[0]);
         }
-        if step >= args.warmup {
+        if step >= start + args.warmup {
             let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
             clock.compute += ms(t1, t2);
             clock.wait += ms(t2, t2b);
-            clock.comm += ms(t2b, t3);
-            clock.optimizer += ms(t0, t1) + ms(t3, t4);
+            clock.comm += ms(t2b, t3) + ms(t1a, t1) + ms(t3b, t4);
+            clock.optimizer += ms(t0, t1a) + ms(t3, t3b);
             clock.total += ms(t0, t4);
             clock.steps += 1;
         }
+        if args.save_at == Some(step + 1) {
+            let dir = std::path::Path::new(args.ckpt.as_deref().unwrap_or("."));
+            std::fs::create_dir_all(dir)?;
+            match &mut zero {
+                Some(z) => {
+                    // Adapter space: the tensors other ranks own are still perturbed here.
+                    z.all_gather(&mut params)?;
+                    z.save_checkpoint(&opt, &params, dir.join("opt.safetensors"))?
+                }
+                None if rank == 0 => opt.save_checkpoint(dir.join("opt.safetensors"))?,
+                None => {}
+            }
+            if rank == 0 {
+                std::fs::write(dir.join("params.bin"), tensors_bytes(&params, &frozen))?;
+            }
+            comm.barrier()?;
+        }
     }
 
+    let stats_at_end = traffic(&dp, &zero);
+    if let Some(z) = &mut zero {
+        // The clean parameters on every rank (adapter space: each rank's
+        // copies of the tensors it does not own were last gathered perturbed).
+        z.all_gather(&mut params)?;
+    }
     let cpu_share = cpu_after_warmup.zip(cpu_ms()).map(|(a, b)| (b - a) / clock.total);
     // Every rank's final tensors, gathered on every rank, compared on rank 0.
     let mine: Vec<f64> = params.iter().chain(&frozen).flat_map(|t| t.iter().map(|v| v.to_f64().unwrap_or(f64::NAN))).collect();
@@ -407,10 +517,12 @@ fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
     comm.all_gather(Buf::F64(&mine), BufMut::F64(&mut all))?;
     let identical = all.chunks(mine.len().max(1)).all(|r| r.iter().zip(&all[..mine.len()]).all(|(a, b)| a.to_bits() == b.to_bits()));
 
-    // Per-rank compute time: imbalance and oversubscription show here.
-    let mut per_rank = vec![0.0; size];
+    // Per-rank compute time (imbalance and oversubscription show here) and
+    // bytes of optimizer moments held.
+    let mut per_rank = vec![0.0; 2 * size];
     let steps = clock.steps.max(1) as f64;
     per_rank[rank] = clock.compute / steps;
+    per_rank[size + rank] = (opt.moment_elems() * std::mem::size_of::<F>()) as f64;
     comm.all_reduce_partial_sums(&mut per_rank)?;
 
     if rank == 0 {
@@ -418,15 +530,20 @@ fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
             let bytes: Vec<u8> = all.iter().flat_map(|v| v.to_le_bytes()).collect();
             std::fs::write(path, bytes)?;
         }
-        let timed = dp.stats().bytes - stats_after_warmup.bytes;
-        let calls = dp.stats().calls - stats_after_warmup.calls;
+        let (now, before) = (stats_at_end, stats_after_warmup);
+        let (timed, calls) = (now.bytes - before.bytes, now.calls - before.calls);
+        // A reduce-scatter or all-gather sends (N - 1) / N of its buffer from
+        // each rank, an all-reduce twice that.
+        let sent_share = if args.zero { 1.0 } else { 2.0 } * (size - 1) as f64 / size as f64;
         let summary = serde_json::json!({
             "ranks": size,
+            "mode": if args.zero { "zero1" } else { "data-parallel" },
             "dtype": args.dtype,
             "preset": args.preset,
             "trainable_params": n_params,
             "global_batch": args.batch,
             "steps": args.steps,
+            "first_step": start,
             "loss_first": losses.first(),
             "loss_last": losses.last(),
             "identical_across_ranks": identical,
@@ -436,10 +553,12 @@ fn run<F: Element + Scalar, C: Collective>(comm: C, args: &Args) -> Res<()> {
             "wait_ms": clock.wait / steps,
             "comm_ms": clock.comm / steps,
             "optimizer_ms": clock.optimizer / steps,
-            "compute_ms_per_rank": per_rank,
+            "compute_ms_per_rank": &per_rank[..size],
+            "optimizer_bytes_per_rank": &per_rank[size..],
+            "zero_block_elems": zero.as_ref().map(Zero::block_elems),
             "payload_bytes_per_step": timed as f64 / steps,
             "calls_per_step": calls as f64 / steps,
-            "sent_bytes_per_rank_per_step": timed as f64 / steps * 2.0 * (size - 1) as f64 / size as f64,
+            "sent_bytes_per_rank_per_step": timed as f64 / steps * sent_share,
             "cpu_share_rank0": cpu_share,
             "samples_per_s": args.batch as f64 / (clock.total / steps / 1e3),
         });
@@ -456,10 +575,20 @@ fn main() -> Res<()> {
         d => return Err(format!("--dtype must be f32 or f64, got {d}").into()),
     };
     if args.single {
-        return if f64 { run::<f64, _>(SingleProcess, &args) } else { run::<f32, _>(SingleProcess, &args) };
+        return match (f64, args.zero) {
+            (true, true) => run::<f64, _, _>(SingleProcess, CollectiveSums(SingleProcess), &args),
+            (true, false) => run::<f64, _, _>(SingleProcess, OneProcess, &args),
+            (false, true) => run::<f32, _, _>(SingleProcess, CollectiveSums(SingleProcess), &args),
+            (false, false) => run::<f32, _, _>(SingleProcess, OneProcess, &args),
+        };
     }
     let comm = MpiComm::init()?.with_all_reduce(args.all_reduce);
-    let result = if f64 { run::<f64, _>(&comm, &args) } else { run::<f32, _>(&comm, &args) };
+    let result = match (f64, args.zero) {
+        (true, true) => run::<f64, _, _>(&comm, CollectiveSums(&comm), &args),
+        (true, false) => run::<f64, _, _>(&comm, OneProcess, &args),
+        (false, true) => run::<f32, _, _>(&comm, CollectiveSums(&comm), &args),
+        (false, false) => run::<f32, _, _>(&comm, OneProcess, &args),
+    };
     if let Err(e) = result {
         // Returning would leave the other ranks blocked in their next collective.
         eprintln!("rank {}: {e}", comm.rank());

@@ -36,6 +36,10 @@ pub enum CommError {
     /// A failure reported by the engine (MPI initialisation, say).
     #[error("engine: {0}")]
     Engine(String),
+    /// An error of the optimizer while a sharded driver read or wrote its
+    /// state (a checkpoint that cannot be written, say).
+    #[error("optimizer: {0}")]
+    Optimizer(mgpo_core::MgpoError),
 }
 
 pub type Result<T> = std::result::Result<T, CommError>;

@@ -4,7 +4,8 @@
 //! partial sums; all-reduce, reduce-scatter, all-gather and broadcast of
 //! flat f32 / f64 buffers) with an MPI implementation ([`MpiComm`], feature
 //! `mpi`) and a one-rank one ([`SingleProcess`]), and bucketed data
-//! parallelism on top ([`DataParallel`]).
+//! parallelism on top ([`DataParallel`]), and sharded optimizer state
+//! (ZeRO stage 1, [`Zero`] with [`CollectiveSums`]).
 //!
 //! A data-parallel step, on every rank:
 //!
@@ -23,9 +24,11 @@ mod data_parallel;
 #[cfg(feature = "mpi")]
 mod mpi_comm;
 mod single;
+mod zero;
 
 pub use collective::{Buf, BufMut, Collective, CommError, Result, Scalar};
 pub use data_parallel::{shard_range, Bucketable, CommStats, DataParallel, DEFAULT_BUCKET_ELEMS};
 #[cfg(feature = "mpi")]
 pub use mpi_comm::{AllReduce, MpiComm};
 pub use single::SingleProcess;
+pub use zero::{CollectiveSums, Zero};
