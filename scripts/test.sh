@@ -13,12 +13,22 @@ vectors=crates/mgpo-conformance/vectors
 source scripts/setup-libtorch.sh
 # Open MPI and libclang for mgpo-mpi's `mpi` feature and its mpirun tests.
 bash scripts/setup-mpi.sh
+# WordNet, peft and transformers in the venv, and the sha256-checked
+# all-MiniLM-L6-v2 for mgpo-finetune's tests (scripts/test-finetune.sh).
+bash scripts/setup-wordnet.sh
+"$MGPO_TORCH_PYTHON" -c 'import peft, transformers' 2>/dev/null \
+  || "$MGPO_TORCH_PYTHON" -m pip install --quiet --no-input "peft>=0.17" "transformers>=4.50"
+MGPO_MINILM_DIR="$(bash scripts/fetch-minilm.sh)"
+export MGPO_MINILM_DIR
 
 # Property tests explore new cases on every developer run; CI replays a fixed seed.
 export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-20261130}"
 
 echo "== cargo test (all crates, all backends)"
-cargo test --workspace --all-features
+cargo test --workspace --all-features --exclude mgpo-finetune
+
+echo "== cargo test -p mgpo-finetune (the model's tests, one at a time)"
+cargo test -p mgpo-finetune -- --test-threads=1
 
 echo "== mgpo conformance --backend all"
 cargo run -q -p mgpo-cli --all-features -- conformance --backend all \

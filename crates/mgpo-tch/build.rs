@@ -9,7 +9,7 @@
 //! not an error here: torch-sys itself fails the build loudly then.
 //! (`rustc-link-arg` reaches only this package's own link targets; other
 //! binaries rely on LD_LIBRARY_PATH from `scripts/setup-libtorch.sh`.)
-//! Under docs.rs (`DOCS_RS` set) or the `doc-only` feature it does nothing.
+//! Under docs.rs (`DOCS_RS` set) it does nothing.
 
 use std::env;
 use std::path::PathBuf;
@@ -41,9 +41,8 @@ fn torch_lib_dir() -> Option<PathBuf> {
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    // docs.rs (which sets DOCS_RS) has no libtorch, and the `doc-only`
-    // feature builds for documentation only: nothing to link, no rpath.
-    if var("DOCS_RS").is_some() || env::var_os("CARGO_FEATURE_DOC_ONLY").is_some() {
+    // docs.rs (which sets DOCS_RS) has no libtorch: nothing to link, no rpath.
+    if var("DOCS_RS").is_some() {
         return;
     }
     let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
