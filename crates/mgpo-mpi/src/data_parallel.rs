@@ -260,11 +260,11 @@ impl<C: Collective, E: Scalar> DataParallel<C, E> {
     }
 }
 
-fn flat<T: Bucketable>(ts: &[T], index: usize) -> Result<&[T::Elem]> {
+pub(crate) fn flat<T: Bucketable>(ts: &[T], index: usize) -> Result<&[T::Elem]> {
     ts[index].flat().ok_or_else(|| CommError::NotContiguous { index, shape: ts[index].dims() })
 }
 
-fn flat_mut<T: Bucketable>(ts: &mut [T], index: usize) -> Result<&mut [T::Elem]> {
+pub(crate) fn flat_mut<T: Bucketable>(ts: &mut [T], index: usize) -> Result<&mut [T::Elem]> {
     let shape = ts[index].dims();
     ts[index].flat_mut().ok_or(CommError::NotContiguous { index, shape })
 }

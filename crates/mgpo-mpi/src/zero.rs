@@ -38,7 +38,7 @@ use mgpo_core::checkpoint::write_atomically;
 use mgpo_core::{Mgpo, MgpoError, Moments, PartialSums, Shard, State};
 
 use crate::collective::{Collective, CommError, Result, Scalar};
-use crate::data_parallel::{Bucketable, CommStats};
+use crate::data_parallel::{flat, flat_mut, Bucketable, CommStats};
 
 /// [`PartialSums`] over a [`Collective`]: the optimizer's partial sums
 /// go through [`Collective::all_reduce_partial_sums`], added in rank order.
@@ -376,15 +376,6 @@ fn grow<E: Scalar>(buf: &mut Vec<E>, n: usize) {
     if buf.len() < n {
         buf.resize(n, E::default());
     }
-}
-
-fn flat<T: Bucketable>(ts: &[T], index: usize) -> Result<&[T::Elem]> {
-    ts[index].flat().ok_or_else(|| CommError::NotContiguous { index, shape: ts[index].dims() })
-}
-
-fn flat_mut<T: Bucketable>(ts: &mut [T], index: usize) -> Result<&mut [T::Elem]> {
-    let shape = ts[index].dims();
-    ts[index].flat_mut().ok_or(CommError::NotContiguous { index, shape })
 }
 
 #[cfg(test)]
