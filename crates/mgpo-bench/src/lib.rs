@@ -93,7 +93,9 @@ pub struct Options {
     pub budget_s: f64,
     pub peer: PeerMode,
     pub python: PathBuf,
-    pub peer_script: PathBuf,
+    /// The peer script file; `None` runs the copy embedded in this crate
+    /// ([`peer::SCRIPT`]).
+    pub peer_script: Option<PathBuf>,
     pub steps: bool,
     pub weight: bool,
     pub e2e_section: bool,
@@ -118,7 +120,7 @@ impl Default for Options {
             budget_s: 0.25,
             peer: PeerMode::Auto,
             python: peer::default_python(),
-            peer_script: peer::default_script(),
+            peer_script: None,
             steps: true,
             weight: true,
             e2e_section: true,
@@ -588,7 +590,7 @@ fn memory_section(opts: &Options, peer_ok: bool, threads: usize, rss: &mut Vec<R
     }
     if peer_ok {
         for k in ["step:none", "step:adamw-fused", "step:adamw-foreach", "step:mgpo-adapter", "weight:none", "weight:authors"] {
-            push("torch", peer::probe(&opts.python, &opts.peer_script, threads, k, n, d, r));
+            push("torch", peer::probe(&opts.python, opts.peer_script.as_deref(), threads, k, n, d, r));
         }
     }
 }
@@ -605,7 +607,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
     }
     let peer = match opts.peer {
         PeerMode::Off => None,
-        mode => match peer::Peer::spawn(&opts.python, &opts.peer_script, threads) {
+        mode => match peer::Peer::spawn(&opts.python, opts.peer_script.as_deref(), threads) {
             Ok(p) => Some(Rc::new(RefCell::new(p))),
             Err(e) if mode == PeerMode::Auto => {
                 notes.push(format!("PyTorch peer not run: {e}"));

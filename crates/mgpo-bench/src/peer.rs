@@ -1,6 +1,7 @@
-//! The PyTorch peer (`benches/peers/torch_peer.py --serve`), driven as a
-//! child process so that its measurements alternate with ours in one run:
-//! one JSON request per line on its stdin, one JSON answer per line back.
+//! The PyTorch peer (`peers/torch_peer.py --serve` of this crate, embedded
+//! in it as [`SCRIPT`]), driven as a child process so that its measurements
+//! alternate with ours in one run: one JSON request per line on its stdin,
+//! one JSON answer per line back.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -11,24 +12,20 @@ use serde_json::{json, Value};
 
 use crate::memory::RssProbe;
 
-/// The repository root (this crate is `crates/mgpo-bench`).
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// `benches/peers/torch_peer.py` of this repository.
-pub fn default_script() -> PathBuf {
-    repo_root().join("benches/peers/torch_peer.py")
-}
+/// The peer script, embedded so that an installed `mgpo` (which has no
+/// repository beside it) runs it too: `python -c SCRIPT ARGS...`.
+/// (`benches/peers/torch_peer.py` of the repository links to this file.)
+pub const SCRIPT: &str = include_str!("../peers/torch_peer.py");
 
 /// The Python to run the peer with: `MGPO_TORCH_PYTHON` (set by
-/// `scripts/setup-libtorch.sh`), else the repository's `.venv-torch`, else
+/// `scripts/setup-libtorch.sh`), else `.venv-torch/bin/python` under the
+/// current directory (the repository root, for `cargo run`), else
 /// `python3`.
 pub fn default_python() -> PathBuf {
     if let Some(p) = std::env::var_os("MGPO_TORCH_PYTHON") {
         return PathBuf::from(p);
     }
-    let venv = repo_root().join(".venv-torch/bin/python");
+    let venv = PathBuf::from(".venv-torch/bin/python");
     if venv.exists() {
         venv
     } else {
@@ -52,25 +49,39 @@ pub struct Peer {
     pub info: PeerInfo,
 }
 
-fn peer_command(python: &Path, script: &Path, threads: usize) -> Command {
+/// How a peer command names its script in messages.
+fn script_name(script: Option<&Path>) -> String {
+    match script {
+        Some(s) => s.display().to_string(),
+        None => "-c <embedded torch_peer.py>".to_string(),
+    }
+}
+
+/// `python SCRIPT --threads N`, or `python -c <embedded script> --threads N`
+/// without a script file.
+fn peer_command(python: &Path, script: Option<&Path>, threads: usize) -> Command {
     let mut c = Command::new(python);
-    c.arg(script)
-        .args(["--threads", &threads.to_string()])
+    match script {
+        Some(s) => c.arg(s),
+        None => c.args(["-c", SCRIPT]),
+    };
+    c.args(["--threads", &threads.to_string()])
         .env("OMP_NUM_THREADS", threads.to_string())
         .env("MKL_NUM_THREADS", threads.to_string());
     c
 }
 
 impl Peer {
-    /// Starts the peer with `threads` intra-op threads and reads its hello.
-    pub fn spawn(python: &Path, script: &Path, threads: usize) -> Result<Peer, String> {
+    /// Starts the peer with `threads` intra-op threads and reads its hello;
+    /// `script` `None` runs the embedded [`SCRIPT`].
+    pub fn spawn(python: &Path, script: Option<&Path>, threads: usize) -> Result<Peer, String> {
         let mut child = peer_command(python, script, threads)
             .arg("--serve")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .map_err(|e| format!("cannot start the PyTorch peer ({} {}): {e}", python.display(), script.display()))?;
+            .map_err(|e| format!("cannot start the PyTorch peer ({} {}): {e}", python.display(), script_name(script)))?;
         let stdin = child.stdin.take().ok_or("peer stdin")?;
         let stdout = BufReader::new(child.stdout.take().ok_or("peer stdout")?);
         let mut peer = Peer { child, stdin, stdout, info: PeerInfo { torch: String::new(), threads: 0, python: python.display().to_string() } };
@@ -126,7 +137,7 @@ impl Drop for Peer {
 }
 
 /// A peak-RSS probe of the peer in a fresh Python process.
-pub fn probe(python: &Path, script: &Path, threads: usize, kind: &str, params: usize, dim: usize, rank: usize) -> Result<RssProbe, String> {
+pub fn probe(python: &Path, script: Option<&Path>, threads: usize, kind: &str, params: usize, dim: usize, rank: usize) -> Result<RssProbe, String> {
     let out = peer_command(python, script, threads)
         .args(["--rss", kind, "--params", &params.to_string(), "--dim", &dim.to_string(), "--rank", &rank.to_string()])
         .output()

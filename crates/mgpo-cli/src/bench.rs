@@ -1,6 +1,6 @@
 //! `mgpo bench`: optimizer-step benchmarks per backend, against the
 //! memory-bandwidth bound and, side by side in the same run, against
-//! PyTorch (`benches/peers/torch_peer.py`). The measurements live in the
+//! PyTorch (`crates/mgpo-bench/peers/torch_peer.py`). The measurements live in the
 //! `mgpo-bench` crate; this is the command line.
 
 use std::path::PathBuf;
@@ -46,7 +46,7 @@ pub struct BenchArgs {
     /// Python with torch for the peer (default: $MGPO_TORCH_PYTHON, ./.venv-torch, python3).
     #[arg(long)]
     python: Option<PathBuf>,
-    /// The peer script.
+    /// The peer script (default: the copy of torch_peer.py embedded in mgpo).
     #[arg(long)]
     peer_script: Option<PathBuf>,
     /// Print the report as JSON on stdout (progress still on stderr).
@@ -125,8 +125,8 @@ pub fn run(args: BenchArgs) -> Result<bool, String> {
     if let Some(p) = args.python {
         opts.python = p;
     }
-    if let Some(s) = args.peer_script {
-        opts.peer_script = s;
+    if args.peer_script.is_some() {
+        opts.peer_script = args.peer_script;
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot locate the mgpo binary for the RSS probes: {e}"))?;
     opts.probe_cmd = Some(vec![exe.into_os_string(), "bench".into()]);
