@@ -9,7 +9,9 @@
 //!   stored as exact f64 bits, so a checkpoint from one backend loads on any
 //!   other, and on the same backend a resumed run is bit-identical.
 //! - Verified before use: format, version, checksum, configuration (all
-//!   fields but the learning rate, which schedules change), layout, every
+//!   fields but the learning rate, which schedules change), layout and
+//!   parameter groups (each group's lr_scale and weight decay, each
+//!   tensor's group), every
 //!   tensor's presence, dtype and shape. Any problem is a typed
 //!   [`CheckpointError`] and the optimizer is left exactly as it was.
 //! - One format for one process and for a sharded run: a sharded run's
@@ -25,6 +27,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::layout::Layout;
 use crate::error::{CheckpointError, MgpoError, Result};
 use crate::mgpo::{Mgpo, Moments, State};
 use crate::backend::{HostIo, TensorOps};
@@ -46,6 +49,45 @@ struct Header {
     g_bar: Vec<Option<String>>,
     /// (name, shape) of every trainable tensor, in layout order.
     tensors: Vec<(String, Vec<usize>)>,
+    /// The parameter groups and each tensor's group. Absent from
+    /// checkpoints written before groups were recorded, which had only the
+    /// default group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    param_groups: Option<StoredGroups>,
+}
+
+/// A layout's parameter groups as stored: (name, lr_scale, weight_decay)
+/// per group, and the group index of every trainable tensor in layout order.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct StoredGroups {
+    groups: Vec<(String, f64, Option<f64>)>,
+    of_tensor: Vec<usize>,
+}
+
+impl StoredGroups {
+    fn of(layout: &Layout) -> Self {
+        StoredGroups {
+            groups: layout.param_groups().iter().map(|g| (g.name.clone(), g.lr_scale, g.weight_decay)).collect(),
+            of_tensor: layout.tensors().iter().map(|t| t.param_group).collect(),
+        }
+    }
+
+    /// What differs between the stored groups and `here`'s, in words.
+    fn mismatch(stored: Option<&StoredGroups>, layout: &Layout) -> Option<String> {
+        let here = StoredGroups::of(layout);
+        let stored = match stored {
+            Some(s) => s,
+            None if here.groups.len() == 1 && here.groups[0].1 == 1.0 && here.groups[0].2.is_none() => return None,
+            None => return Some(format!("the checkpoint records only the default parameter group; this optimizer has {:?}", here.groups)),
+        };
+        if stored.groups != here.groups {
+            return Some(format!("parameter groups (name, lr_scale, weight_decay) {:?} in the checkpoint, {:?} here", stored.groups, here.groups));
+        }
+        let names = |g: &StoredGroups, i: usize| g.groups.get(g.of_tensor.get(i).copied().unwrap_or(usize::MAX)).map_or("?", |x| x.0.as_str()).to_string();
+        (0..layout.tensors().len())
+            .find(|&i| stored.of_tensor.get(i) != here.of_tensor.get(i))
+            .map(|i| format!("tensor `{}` is in parameter group `{}` in the checkpoint, `{}` here", layout.tensors()[i].name, names(stored, i), names(&here, i)))
+    }
 }
 
 fn bad(field: &'static str, reason: impl ToString) -> MgpoError {
@@ -120,6 +162,7 @@ impl<B: TensorOps + HostIo, S: PartialSums> Mgpo<B, S> {
             groups: self.groups().iter().map(|g| g.name.clone()).collect(),
             g_bar: state.g_bar.iter().map(|g| g.map(|x| format!("{:016x}", x.to_bits()))).collect(),
             tensors: self.layout().tensors().iter().map(|t| (t.name.clone(), t.shape.clone())).collect(),
+            param_groups: Some(StoredGroups::of(self.layout())),
         };
         let config = serde_json::to_string(self.config()).map_err(|e| bad("config", e))?;
         let header = serde_json::to_string(&header).map_err(|e| bad("state", e))?;
@@ -197,6 +240,9 @@ impl<B: TensorOps + HostIo, S: PartialSums> Mgpo<B, S> {
             let here: Vec<&str> = mine.iter().map(|t| t.0.as_str()).collect();
             return Err(CheckpointError::LayoutMismatch(format!("checkpoint has {stored:?} with shapes {:?}, optimizer has {here:?} with shapes {:?}",
                 header.tensors.iter().map(|t| &t.1).collect::<Vec<_>>(), mine.iter().map(|t| &t.1).collect::<Vec<_>>())).into());
+        }
+        if let Some(reason) = StoredGroups::mismatch(header.param_groups.as_ref(), self.layout()) {
+            return Err(CheckpointError::LayoutMismatch(reason).into());
         }
         let groups: Vec<String> = self.groups().iter().map(|g| g.name.clone()).collect();
         if header.groups != groups || header.g_bar.len() != groups.len() {

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use common::{build, same_state, train};
 use mgpo_conformance::props::{case_strategy, Case};
 use mgpo_core::checkpoint::{checksum, FORMAT};
-use mgpo_core::{CheckpointError, Config, Layout, MgpoError, Space};
+use mgpo_core::{CheckpointError, Config, Layout, MgpoError, ParamGroup, Space};
 use mgpo_ndarray::{Element, MgpoOptimizer, NdBackend};
 use proptest::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
@@ -234,4 +234,64 @@ fn save_is_atomic_and_refused_while_perturbed() {
     assert!(matches!(e, MgpoError::Checkpoint(CheckpointError::Io { .. })), "{e}");
     assert_eq!(FORMAT, "lora-mgpo-optimizer");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The case's layout with its first adapter's tensors in parameter group `group`.
+fn grouped(case: &Case, group: ParamGroup, first_only: bool) -> MgpoOptimizer<f32> {
+    let a = &case.adapters[0].name;
+    let mut members = vec![format!("{a}.a"), format!("{a}.b")];
+    if first_only {
+        members.pop();
+    }
+    let names: Vec<&str> = members.iter().map(String::as_str).collect();
+    let mut lb = Layout::builder();
+    let weight = case.config.space == Space::Weight;
+    for ad in &case.adapters {
+        lb = lb.adapter(&ad.name, ad.alpha, &[ad.rank, ad.fan_in], &[ad.fan_out, ad.rank], weight);
+    }
+    for (name, shape, _) in &case.plain {
+        lb = lb.plain(name, shape);
+    }
+    MgpoOptimizer::<f32>::new(NdBackend::new(), case.config, lb.param_group(group, &names).build().unwrap()).unwrap()
+}
+
+/// Parameter groups are part of what a checkpoint must match: another
+/// group's weight decay or learning-rate multiplier, or a tensor moved to
+/// another group, is refused with a message naming it, and the optimizer
+/// is left as it was; the same groups load.
+#[test]
+fn parameter_groups_must_match() {
+    let (case, src, _) = trained();
+    let mut opt = grouped(&case, ParamGroup::no_decay(), false);
+    // Train the grouped optimizer a little so its checkpoint has moments.
+    let (_, mut t) = build::<f32>(&case, case.config);
+    train(&mut opt, &mut t, &case, 0..2);
+    let good = opt.checkpoint_bytes().unwrap();
+
+    grouped(&case, ParamGroup::no_decay(), false).load_checkpoint_bytes(&good).unwrap();
+    let mismatch = |mut other: MgpoOptimizer<f32>, bytes: &[u8], needle: &str| {
+        let before = other.state().clone();
+        let e = other.load_checkpoint_bytes(bytes).unwrap_err();
+        assert!(matches!(&e, MgpoError::Checkpoint(CheckpointError::LayoutMismatch(m)) if m.contains(needle)), "expected a mismatch naming {needle:?}: {e}");
+        assert!(same_state(other.state(), &before), "a refused checkpoint changed the state");
+    };
+    mismatch(grouped(&case, ParamGroup::no_decay().weight_decay(0.5), false), &good, "no_decay");
+    mismatch(grouped(&case, ParamGroup::no_decay().lr_scale(0.5), false), &good, "no_decay");
+    let moved = format!("{}.b", case.adapters[0].name);
+    mismatch(grouped(&case, ParamGroup::no_decay(), true), &good, &moved);
+    // A grouped checkpoint into an ungrouped optimizer, and the reverse.
+    mismatch(build::<f32>(&case, case.config).0, &good, "no_decay");
+    mismatch(grouped(&case, ParamGroup::no_decay(), false), &src.checkpoint_bytes().unwrap(), "no_decay");
+
+    // A checkpoint written before groups were recorded (no `param_groups`
+    // in its state) still loads into an optimizer with only the default group.
+    let legacy = rewrite(&src.checkpoint_bytes().unwrap(), |m, _| {
+        let mut state: serde_json::Value = serde_json::from_str(&m["state"]).unwrap();
+        assert!(state.as_object_mut().unwrap().remove("param_groups").is_some());
+        m.insert("state".into(), state.to_string());
+    });
+    let (mut fresh, _) = build::<f32>(&case, case.config);
+    fresh.load_checkpoint_bytes(&legacy).unwrap();
+    assert!(same_state(fresh.state(), src.state()));
+    mismatch(grouped(&case, ParamGroup::no_decay(), false), &legacy, "only the default parameter group");
 }
