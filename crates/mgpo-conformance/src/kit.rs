@@ -8,7 +8,7 @@ use std::fmt;
 use mgpo_core::backend::{noise, HostIo, TensorOps};
 
 use crate::failure::{Failure, Suspect};
-use crate::props::{check_case, default_tolerance, kit_case};
+use crate::props::{check_agree, check_case, default_tolerance, kit_case};
 use crate::run::{run_with, Outcome};
 use crate::vector::{Dtype, Tolerance, Vector};
 
@@ -145,11 +145,10 @@ impl<B: TensorOps + HostIo + Clone> Suite<B> {
     /// [`Suite::seed`], else `PROPTEST_RNG_SEED` when set (to replay a
     /// run), else random.
     pub fn run_properties(&self) -> Report {
-        let base = self.seed.or_else(|| env_u64("PROPTEST_RNG_SEED")).unwrap_or_else(random_seed);
-        let cases = env_u64("PROPTEST_CASES").map_or(self.cases, |n| n.min(u32::MAX as u64) as u32);
+        let (base, cases) = self.case_seeds();
         let mut p = Properties { base_seed: base, cases, failed: 0, failures: Vec::new() };
         for i in 0..cases as u64 {
-            if let Err(f) = self.check_case(noise::mix(base ^ noise::mix(i + 1))) {
+            if let Err(f) = self.check_case(case_seed(base, i)) {
                 p.failed += 1;
                 if p.failures.len() < KEPT_CASE_FAILURES {
                     p.failures.push(f);
@@ -157,6 +156,36 @@ impl<B: TensorOps + HostIo + Clone> Suite<B> {
             }
         }
         Report { vectors: None, properties: Some(p), ..self.empty_report() }
+    }
+
+    /// The base seed and the number of the property cases (see
+    /// [`Suite::run_properties`]).
+    fn case_seeds(&self) -> (u64, u32) {
+        let base = self.seed.or_else(|| env_u64("PROPTEST_RNG_SEED")).unwrap_or_else(random_seed);
+        (base, env_u64("PROPTEST_CASES").map_or(self.cases, |n| n.min(u32::MAX as u64) as u32))
+    }
+
+    /// Runs the property cases of [`Suite::run_properties`] on the backend
+    /// and on `other` in lockstep ([`crate::props::check_agree`]): after
+    /// every perturb, step and unperturb both hold the same values within
+    /// the default tolerance of the less precise one. For a backend with a
+    /// trusted sibling (another path of the same library, or mgpo-ndarray),
+    /// this pins down differences the reference's looser bound lets pass.
+    /// Panics naming each disagreeing case's seed and what differs.
+    pub fn assert_agrees_with<R: TensorOps + HostIo + Clone>(&self, other: &R) {
+        let (base, cases) = self.case_seeds();
+        let failed: Vec<String> = (0..cases as u64)
+            .map(|i| case_seed(base, i))
+            .filter_map(|seed| check_agree(&self.backend, other, &kit_case(seed)).err().map(|e| format!("case seed {seed}: {e}")))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} and {} disagree on {} of {cases} cases (replay with PROPTEST_RNG_SEED={base} PROPTEST_CASES={cases}):\n{}",
+            std::any::type_name::<B>(),
+            std::any::type_name::<R>(),
+            failed.len(),
+            failed.iter().take(KEPT_CASE_FAILURES).cloned().collect::<Vec<_>>().join("\n")
+        );
     }
 
     /// The vectors and the property cases.
@@ -187,6 +216,11 @@ impl<B: TensorOps + HostIo + Clone> Suite<B> {
         });
         Report { backend: std::any::type_name::<B>().to_string(), dtype, declared: self.declared(), looser_than: looser, property_tolerance: self.property_tolerance(), vectors: None, properties: None }
     }
+}
+
+/// The seed of property case `i` of a run with base seed `base`.
+fn case_seed(base: u64, i: u64) -> u64 {
+    noise::mix(base ^ noise::mix(i + 1))
 }
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -361,6 +395,18 @@ impl<B: TensorOps + HostIo + Clone> IntoSuite for Suite<B> {
 /// }
 /// ```
 ///
+/// After the backends, `agree:` and pairs `name => (backend, other)` add
+/// a test `name` each that runs the property cases on both in lockstep
+/// ([`Suite::assert_agrees_with`]), e.g. a backend against mgpo-ndarray.
+///
+/// ```ignore
+/// mgpo_conformance::conformance_tests! {
+///     fused_f32 => cpu_f32(),
+///     fused_f64 => cpu_f64();
+///     agree: f32_agrees_with_ndarray => (cpu_f32(), NdBackend::<f32>::new()),
+/// }
+/// ```
+///
 /// Module names must not be those of primitive types (`f32`, `f64`):
 /// they would shadow them in the file.
 #[macro_export]
@@ -383,4 +429,14 @@ macro_rules! conformance_tests {
             }
         }
     )+};
+    ($($name:ident => $suite:expr),+; agree: $($pair:ident => ($a:expr, $b:expr)),+ $(,)?) => {
+        $crate::conformance_tests!($($name => $suite),+);
+        $(
+            /// Random cases on both backends in lockstep.
+            #[test]
+            fn $pair() {
+                $crate::IntoSuite::into_suite($a).assert_agrees_with(&$b);
+            }
+        )+
+    };
 }

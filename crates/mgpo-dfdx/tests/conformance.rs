@@ -1,42 +1,14 @@
-//! The dfdx backend against the float64 conformance vectors, the float64
-//! reference and the ndarray backend.
+//! dfdx through the conformance kit: every vector and random cases against
+//! the float64 reference, f32 and f64; and in lockstep with mgpo-ndarray.
 
-use mgpo_conformance::props::{case_strategy, check_against_reference, check_agree};
-use mgpo_conformance::{assert_dir_passes, project_vectors_dir};
+use mgpo_conformance::Suite;
 use mgpo_dfdx::{cpu_f32, cpu_f64};
 use mgpo_ndarray::NdBackend;
-use proptest::prelude::*;
 
-#[test]
-fn project_vectors_f64() {
-    assert_dir_passes(&cpu_f64(), project_vectors_dir());
-}
-
-#[test]
-fn project_vectors_f32() {
-    assert_dir_passes(&cpu_f32(), project_vectors_dir());
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(128))]
-
-    #[test]
-    fn f64_agrees_with_reference(case in case_strategy()) {
-        check_against_reference(&cpu_f64(), &case).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn f32_agrees_with_reference(case in case_strategy()) {
-        check_against_reference(&cpu_f32(), &case).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn f64_agrees_with_ndarray(case in case_strategy()) {
-        check_agree(&cpu_f64(), &NdBackend::<f64>::new(), &case).map_err(TestCaseError::fail)?;
-    }
-
-    #[test]
-    fn f32_agrees_with_ndarray(case in case_strategy()) {
-        check_agree(&cpu_f32(), &NdBackend::<f32>::new(), &case).map_err(TestCaseError::fail)?;
-    }
+mgpo_conformance::conformance_tests! {
+    dfdx_f32 => Suite::new(cpu_f32()).cases(128),
+    dfdx_f64 => Suite::new(cpu_f64()).cases(128);
+    agree:
+    f32_agrees_with_ndarray => (Suite::new(cpu_f32()).cases(128), NdBackend::<f32>::new()),
+    f64_agrees_with_ndarray => (Suite::new(cpu_f64()).cases(128), NdBackend::<f64>::new()),
 }

@@ -1,14 +1,13 @@
-//! The conformance vectors on tch, f32 and f64.
+//! tch through the conformance kit: every vector and random cases against
+//! the float64 reference, f32 and f64; and in lockstep with mgpo-ndarray.
 
-use mgpo_conformance::{assert_dir_passes, project_vectors_dir};
+use mgpo_ndarray::NdBackend;
 use mgpo_tch::{cpu_f32, cpu_f64};
 
-#[test]
-fn project_vectors_f32() {
-    assert_dir_passes(&cpu_f32(), project_vectors_dir());
-}
-
-#[test]
-fn project_vectors_f64() {
-    assert_dir_passes(&cpu_f64(), project_vectors_dir());
+mgpo_conformance::conformance_tests! {
+    tch_f32 => cpu_f32(),
+    tch_f64 => cpu_f64();
+    agree:
+    f32_agrees_with_ndarray => (cpu_f32(), NdBackend::<f32>::new()),
+    f64_agrees_with_ndarray => (cpu_f64(), NdBackend::<f64>::new()),
 }
