@@ -175,19 +175,6 @@ fn on_device_f64<const D: usize>(t: Tensor<D>) -> Option<Tensor<D>> {
     t.device().supports_dtype(DType::F64).then(|| t.cast(FloatDType::F64))
 }
 
-/// Per-tensor sums of block sums laid out tensor after tensor, each added
-/// in block order (as mgpo-ndarray adds them).
-fn sums_per_tensor(lens: impl Iterator<Item = usize>, parts: &[f64]) -> Vec<f64> {
-    let mut at = 0;
-    lens.map(|len| {
-        let n = len.div_ceil(BLOCK);
-        let s = parts[at..at + n].iter().sum();
-        at += n;
-        s
-    })
-    .collect()
-}
-
 // ---------------------------------------------------------------------------
 // Host kernels (ndarray backend, f32 / f64).
 // ---------------------------------------------------------------------------
@@ -198,7 +185,7 @@ impl BurnBackend {
         let slices: Vec<&[E]> = reads.iter().map(Read::slice).collect();
         let blocks: Vec<&[E]> = slices.iter().flat_map(|x| x.chunks(BLOCK)).collect();
         let parts = self.run_blocks(slices.iter().map(|x| x.len()).sum(), blocks, cpu::sum_sq);
-        Ok(sums_per_tensor(slices.iter().map(|x| x.len()), &parts))
+        Ok(cpu::sums_per_tensor(slices.iter().map(|x| x.len()), &parts))
     }
 
     fn axpy_many_host<E: HostFloat>(&self, items: &mut [AxpyItem<'_, BurnTensor>]) -> Result<()> {
@@ -233,7 +220,7 @@ impl BurnBackend {
             blocks.extend(chunks.map(|(((p, g), m), v)| (p, g, m, v, c)));
         }
         let parts = self.run_blocks(lens.iter().sum(), blocks, |(p, g, m, v, c)| cpu::adamw(p, g, m, v, c));
-        Ok(sums_per_tensor(lens.into_iter(), &parts))
+        Ok(cpu::sums_per_tensor(lens.into_iter(), &parts))
     }
 
     fn axpy_noise_host<E: HostFloat>(&self, y: &mut BurnTensor, alpha: f64, seed: u64) -> Result<()> {
@@ -332,28 +319,10 @@ fn gram_ops(x: &BurnTensor, y: &BurnTensor, r: usize, on_device: fn(Tensor<2>, T
     }
 }
 
-/// From this many rows [`gram_cols_split`] sums its rows in two halves that
-/// run in parallel, as mgpo-ndarray does (the split depends only on the
-/// shape, so results do not depend on the thread count).
-const GRAM_SPLIT_ROWS: usize = 4096;
-
-/// [`cpu::gram_cols`], the two halves of a tall X in parallel.
+/// [`cpu::gram_cols`], the two halves of a tall X in parallel, as
+/// mgpo-ndarray sums them.
 fn gram_cols_split<E: HostFloat>(x: &[E], y: &[E], r: usize, sym: bool) -> Vec<f64> {
-    let n = x.len() / r.max(1);
-    if r == 0 || n < GRAM_SPLIT_ROWS {
-        return cpu::gram_cols(x, y, r, sym);
-    }
-    let span = |lo: usize, hi: usize| {
-        let mut acc = vec![0.0f64; r * r];
-        cpu::gram_cols_acc(&x[lo * r..hi * r], &y[lo * r..hi * r], r, sym, &mut acc);
-        acc
-    };
-    let (a, b) = rayon::join(|| span(0, n / 2), || span(n / 2, n));
-    let mut acc: Vec<f64> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
-    if sym {
-        cpu::mirror_upper(&mut acc, r);
-    }
-    acc
+    cpu::gram_cols_halves(x, y, r, sym, |a, b| rayon::join(a, b))
 }
 
 impl Tensors for BurnBackend {

@@ -76,6 +76,7 @@ pub mod backend;
 mod host;
 pub mod lora;
 mod optim;
+mod walk;
 
 pub use backend::{BurnBackend, BurnTensor};
 pub use host::ndarray_device;

@@ -37,13 +37,14 @@
 use std::collections::HashMap;
 use std::ops::{Deref, DerefMut};
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::{FloatDType, GradientCheckpointingStrategy, Tensor};
+use burn::tensor::Tensor;
 use mgpo_core::{Config, FactoredPerturbation, Layout, LayoutBuilder, Mgpo, MgpoError, ParamGroup, Result};
 
 use crate::backend::{BurnBackend, BurnTensor};
 use crate::lora::{LoraLinear, Slot};
+use crate::walk::{Collect, Context, PutBack, Seen, TakeOut};
 
 /// A call that failed, with the module it was given, back as it was
 /// (parameters clean, optimizer state as before the call): burn moves
@@ -195,119 +196,6 @@ impl MgpoBuilder {
     }
 }
 
-/// A float parameter met by [`Collect`].
-#[derive(Debug)]
-struct Seen {
-    id: ParamId,
-    path: String,
-    shape: Vec<usize>,
-    trainable: bool,
-    dtype: FloatDType,
-    device: burn::tensor::Device,
-}
-
-/// Lists a module's float parameters with their module paths.
-#[derive(Default)]
-struct Collect {
-    path: Vec<String>,
-    seen: Vec<Seen>,
-}
-
-impl ModuleVisitor for Collect {
-    fn enter_module(&mut self, name: &str, _container_type: &str) {
-        self.path.push(name.to_string());
-    }
-
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.path.pop();
-    }
-
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let t = param.val();
-        self.seen.push(Seen {
-            id: param.id,
-            path: self.path.join("."),
-            shape: t.dims().to_vec(),
-            trainable: t.is_require_grad(),
-            dtype: FloatDType::from(t.dtype()),
-            device: t.device(),
-        });
-    }
-}
-
-/// The autodiff state of a parameter taken out of its module, put back on
-/// its updated value (as burn-optim's `ParameterContext`).
-#[derive(Debug, Clone, Copy)]
-struct Context {
-    autodiff: bool,
-    require_grad: bool,
-    checkpointing: Option<GradientCheckpointingStrategy>,
-}
-
-impl Context {
-    fn capture<const D: usize>(t: &Tensor<D>) -> Self {
-        Context { autodiff: t.is_autodiff(), require_grad: t.is_require_grad(), checkpointing: t.gradient_checkpointing_strategy() }
-    }
-
-    fn restore<const D: usize>(self, t: Tensor<D>) -> Tensor<D> {
-        if !self.autodiff {
-            return t;
-        }
-        let mut t = Tensor::from_inner(t);
-        if let Some(s) = self.checkpointing {
-            t = t.with_gradient_checkpointing_strategy(s);
-        }
-        if self.require_grad {
-            t = t.require_grad();
-        }
-        t
-    }
-}
-
-/// Takes the registered parameters (and their gradients) out of a module.
-struct TakeOut<'a> {
-    index: &'a HashMap<ParamId, usize>,
-    params: Vec<Option<(BurnTensor, Context)>>,
-    grads: Option<(&'a mut GradientsParams, Vec<Option<BurnTensor>>)>,
-}
-
-impl ModuleMapper for TakeOut<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(&i) = self.index.get(&param.id) else { return param };
-        if self.params[i].is_some() {
-            return param;
-        }
-        let (id, t, mapper) = param.consume();
-        let ctx = Context::capture(&t);
-        let hold = Tensor::<D>::empty([0; D], &t.device());
-        self.params[i] = Some((BurnTensor::new(t), ctx));
-        if let Some((grads, out)) = &mut self.grads {
-            out[i] = grads.remove::<D>(id).map(BurnTensor::new);
-        }
-        Param::from_mapped_value(id, hold, mapper)
-    }
-}
-
-/// Puts them back.
-struct PutBack<'a> {
-    index: &'a HashMap<ParamId, usize>,
-    values: Vec<Option<(BurnTensor, Context)>>,
-}
-
-impl ModuleMapper for PutBack<'_> {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let Some(&i) = self.index.get(&param.id) else { return param };
-        let Some((t, ctx)) = self.values[i].take() else { return param };
-        match t.into_tensor::<D>() {
-            Ok(t) => {
-                let (id, _, mapper) = param.consume();
-                Param::from_mapped_value(id, ctx.restore(t), mapper)
-            }
-            Err(_) => param,
-        }
-    }
-}
-
 /// LoRA-MGPO over a burn module. Build it with [`MgpoOptimizer::builder`]
 /// (`.lora(&layer)` per adapter, parameter groups, then `.build(&model)`)
 /// or, with every trainable parameter a plain tensor, [`MgpoOptimizer::new`].
@@ -393,7 +281,7 @@ impl MgpoOptimizer {
     }
 
     /// Adds the perturbation eps_t computed from the previous step's
-    /// momentum (docs/spec.md, step 1); call before the forward pass.
+    /// momentum ([the spec](mgpo_core::spec), step 1); call before the forward pass.
     /// Adapter space: the parameters move; weight space: each
     /// [`LoraLinear`] registered with [`MgpoBuilder::lora`] adds it in
     /// factored form, W0 untouched.
@@ -412,7 +300,7 @@ impl MgpoOptimizer {
     }
 
     /// Removes the perturbation and, unless a gradient is non-finite, runs
-    /// the step (docs/spec.md, step 3) at learning rate `lr` (as burn's
+    /// the step ([the spec](mgpo_core::spec), step 3) at learning rate `lr` (as burn's
     /// optimizers take it; it becomes [`Mgpo::lr`]) with `grads`, taken at
     /// the perturbed point. A registered parameter without a gradient is
     /// [`MgpoError::MissingGradient`] naming it. On any error the

@@ -92,19 +92,6 @@ impl<F: Element> NdBackend<F> {
     }
 }
 
-/// Per-tensor sums of block sums laid out tensor after tensor (`lens`
-/// elements each), each added in block order.
-fn sums_per_tensor(lens: impl Iterator<Item = usize>, parts: &[f64]) -> Vec<f64> {
-    let mut at = 0;
-    lens.map(|len| {
-        let n = len.div_ceil(BLOCK);
-        let s = parts[at..at + n].iter().sum();
-        at += n;
-        s
-    })
-    .collect()
-}
-
 fn sum_sq_iter<'a, F: Element>(t: impl Iterator<Item = &'a F>) -> f64 {
     t.map(|&x| f64_of(x) * f64_of(x)).sum()
 }
@@ -136,7 +123,7 @@ impl<F: Element> Reduce for NdBackend<F> {
         let flat = || slices.iter().flatten();
         let blocks: Vec<&[F]> = flat().flat_map(|x| x.chunks(BLOCK)).collect();
         let parts = self.run_blocks(flat().map(|x| x.len()).sum(), blocks, cpu::sum_sq);
-        let mut sums = sums_per_tensor(flat().map(|x| x.len()), &parts).into_iter();
+        let mut sums = cpu::sums_per_tensor(flat().map(|x| x.len()), &parts).into_iter();
         Ok(ts
             .iter()
             .zip(&slices)
@@ -214,35 +201,16 @@ impl<F: Element> FusedUpdate for NdBackend<F> {
             blocks.extend(chunks.map(|(((p, g), m), v)| (p, g, m, v, c)));
         }
         let parts = self.run_blocks(lens.iter().map(|l| l.1).sum(), blocks, |(p, g, m, v, c)| cpu::adamw(p, g, m, v, &c));
-        for (&(i, _), s) in lens.iter().zip(sums_per_tensor(lens.iter().map(|l| l.1), &parts)) {
+        for (&(i, _), s) in lens.iter().zip(cpu::sums_per_tensor(lens.iter().map(|l| l.1), &parts)) {
             out[i] = s;
         }
         Ok(out)
     }
 }
 
-/// From this many rows [`gram_cols`] splits its rows in two halves that run
-/// in parallel. The split depends only on the shape, so results do not
-/// depend on the thread count.
-const GRAM_SPLIT_ROWS: usize = 4096;
-
 /// [`cpu::gram_cols`], the two halves of a tall X in parallel.
 fn gram_cols<F: Element>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
-    let n = x.len() / r.max(1);
-    if r == 0 || n < GRAM_SPLIT_ROWS {
-        return cpu::gram_cols(x, y, r, sym);
-    }
-    let span = |lo: usize, hi: usize| {
-        let mut acc = vec![0.0f64; r * r];
-        cpu::gram_cols_acc(&x[lo * r..hi * r], &y[lo * r..hi * r], r, sym, &mut acc);
-        acc
-    };
-    let (a, b) = rayon::join(|| span(0, n / 2), || span(n / 2, n));
-    let mut acc: Vec<f64> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
-    if sym {
-        cpu::mirror_upper(&mut acc, r);
-    }
-    acc
+    cpu::gram_cols_halves(x, y, r, sym, |a, b| rayon::join(a, b))
 }
 
 /// [`cpu::gram_rows`], the dot products in parallel when there is enough work.
@@ -406,7 +374,7 @@ mod tests {
     /// threads) agree with the serial kernels of the core.
     #[test]
     fn parallel_grams_match_serial() {
-        let (n, r) = (GRAM_SPLIT_ROWS + 77, 12);
+        let (n, r) = (cpu::GRAM_SPLIT_ROWS + 77, 12);
         let (x, y) = (filled(n * r, 1), filled(n * r, 2));
         let (x, y) = (x.as_slice().unwrap(), y.as_slice().unwrap());
         for sym in [false, true] {

@@ -250,6 +250,50 @@ pub fn gram_cols<F: Float>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
     acc
 }
 
+/// From this many rows [`gram_cols_halves`] sums a tall X's rows in two
+/// halves.
+pub const GRAM_SPLIT_ROWS: usize = 4096;
+
+/// [`gram_cols`], from [`GRAM_SPLIT_ROWS`] rows on as two halves that
+/// `join` may run in parallel (`|a, b| rayon::join(a, b)`), added half by
+/// half: the split depends only on the shape, so the result does not
+/// depend on the thread count.
+pub fn gram_cols_halves<F, J>(x: &[F], y: &[F], r: usize, sym: bool, join: J) -> Vec<f64>
+where
+    F: Float + Sync,
+    J: FnOnce(&(dyn Fn() -> Vec<f64> + Sync), &(dyn Fn() -> Vec<f64> + Sync)) -> (Vec<f64>, Vec<f64>),
+{
+    let n = x.len() / r.max(1);
+    if r == 0 || n < GRAM_SPLIT_ROWS {
+        return gram_cols(x, y, r, sym);
+    }
+    let span = |lo: usize, hi: usize| {
+        let mut acc = vec![0.0f64; r * r];
+        gram_cols_acc(&x[lo * r..hi * r], &y[lo * r..hi * r], r, sym, &mut acc);
+        acc
+    };
+    let (a, b) = join(&|| span(0, n / 2), &|| span(n / 2, n));
+    let mut acc: Vec<f64> = a.iter().zip(&b).map(|(a, b)| a + b).collect();
+    if sym {
+        mirror_upper(&mut acc, r);
+    }
+    acc
+}
+
+/// Per-tensor sums of block sums laid out tensor after tensor (`lens`
+/// elements each, [`BLOCK`] to a block), each tensor's added in block
+/// order.
+pub fn sums_per_tensor(lens: impl Iterator<Item = usize>, parts: &[f64]) -> Vec<f64> {
+    let mut at = 0;
+    lens.map(|len| {
+        let n = len.div_ceil(BLOCK);
+        let s = parts[at..at + n].iter().sum();
+        at += n;
+        s
+    })
+    .collect()
+}
+
 /// X Y^T (r x r, row-major, f64) for row-major X, Y of r x n: r^2 [`dot`]s,
 /// r (r + 1) / 2 when `sym` (X is Y).
 pub fn gram_rows<F: Float>(x: &[F], y: &[F], r: usize, sym: bool) -> Vec<f64> {
