@@ -176,7 +176,7 @@ impl MgpoOptimizer {
     }
 
     /// Removes the perturbation and, unless a gradient is non-finite, runs
-    /// AdamW (docs/spec.md, step 3) on the gradients in `grads`, taken at the
+    /// AdamW ([the spec](mgpo_core::spec), step 3) on the gradients in `grads`, taken at the
     /// perturbed point; one missing is [`MgpoError::MissingGradient`] naming
     /// it. On any error the tensors are clean and the state unchanged. (The
     /// `candle_nn::Optimizer` step is this one without the report.)

@@ -304,7 +304,7 @@ pub fn default_tolerance(dtype: Dtype) -> Tolerance {
 /// Per entry of every tensor: the sum of |perturbation| added to it so
 /// far. Adding a perturbation e to x and removing it again in the element
 /// type F is exact only up to F's rounding of x + e, which is relative to
-/// |x| + |e|, not to |x| (docs/spec.md, "Precision": restored "to within
+/// |x| + |e|, not to |x| ([the spec](mgpo_core::spec), "Precision": restored "to within
 /// rounding"); the rounding of each such round trip stays in the entry.
 #[derive(Debug, Clone)]
 struct Budget {

@@ -1,4 +1,4 @@
-//! An independent float64 reference of docs/spec.md, written for clarity,
+//! An independent float64 reference of [the spec](mgpo_core::spec), written for clarity,
 //! not speed: the weight-space direction D_i = s_i (m_B A + B m_A) and the
 //! gradient image are materialised as out x in matrices, the perturbation
 //! is removed by restoring a saved clean copy, and the Gaussian direction's
@@ -175,7 +175,7 @@ impl Reference {
         groups(&self.config, &self.adapters, &self.plain, &self.names).into_iter().map(|g| g.0).collect()
     }
 
-    /// docs/spec.md, step 1 (perturb).
+    /// [the spec](mgpo_core::spec), step 1 (perturb).
     pub fn perturb(&mut self) {
         let c = self.config;
         self.clean = Some((self.params.clone(), self.adapters.iter().map(|a| a.w0.clone()).collect()));
@@ -240,7 +240,7 @@ impl Reference {
         }
     }
 
-    /// docs/spec.md, step 3 (step). Returns whether the step was skipped.
+    /// [the spec](mgpo_core::spec), step 3 (step). Returns whether the step was skipped.
     pub fn step(&mut self, grads: &[Mat], lr: f64) -> bool {
         let c = self.config;
         if let Some((p, w)) = self.clean.take() {
@@ -297,7 +297,7 @@ impl Reference {
     }
 }
 
-/// splitmix64's finaliser (docs/spec.md, "The Gaussian direction").
+/// splitmix64's finaliser ([the spec](mgpo_core::spec), "The Gaussian direction").
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -1,4 +1,4 @@
-//! The conformance-vector format of docs/spec.md ("Conformance vectors"):
+//! The conformance-vector format of [the spec](mgpo_core::spec) ("Conformance vectors"):
 //! parsing, with the string forms "NaN", "Infinity" and "-Infinity" of
 //! non-finite numbers and the `b64` encoding of large tensors, and checks
 //! that a vector is self-consistent before it is run. Every error names the
@@ -967,7 +967,7 @@ mod tests {
             }
         }
         // The Gaussian direction in weight space is a valid configuration
-        // (docs/spec.md: full-rank noise on W0), no longer refused: what
+        // (the spec: full-rank noise on W0), no longer refused: what
         // stops this vector is its g_bar of the plain tensor `head`, which
         // is in no group in weight space.
         let mut v = base();

@@ -1,6 +1,6 @@
 //! The project's conformance vectors, embedded in the crate: every file of
 //! the package's `vectors/` directory, so a copy of the crate from a
-//! registry carries them. The format is docs/spec.md's ("Conformance
+//! registry carries them. The format is [the spec](mgpo_core::spec)'s ("Conformance
 //! vectors"); each vector is named after its file, without `.json`.
 //!
 //! ```

@@ -193,7 +193,7 @@ pub struct Bound<B: TensorOps> {
 }
 
 impl<B: Shares> Bound<B> {
-    /// Adds the perturbation (docs/spec.md, step 1) and publishes the
+    /// Adds the perturbation ([the spec](crate::spec), step 1) and publishes the
     /// factored ones to their layers. Call before the forward pass.
     pub fn perturb(&mut self) -> Result<()> {
         self.mgpo.perturb(&mut self.tensors)?;

@@ -1,5 +1,5 @@
 //! Configuration and the named presets. The serialised form is the one of
-//! the conformance vectors (docs/spec.md, "Conformance vectors").
+//! the conformance vectors ([the spec](crate::spec), "Conformance vectors").
 
 use serde::{Deserialize, Serialize};
 

@@ -4,7 +4,7 @@
 //! weights along AdamW's own first moment, with a radius rho scaled by
 //! 1 / EMA of the gradient norm. The gradient is taken at the perturbed
 //! point, the move is undone and AdamW steps; unlike SAM there is no second
-//! backward pass. `docs/spec.md` in the repository is the exact definition.
+//! backward pass. [`spec`] is the exact definition.
 //!
 //! The whole algorithm is [`Mgpo`] (`mgpo.rs`), written once over the small
 //! capability traits of [`backend`]; each framework has its own crate
@@ -27,6 +27,11 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+
+/// The exact definition of the algorithm, of its precision and of the
+/// conformance-vector format (`docs/spec.md` in the repository, included here).
+#[doc = include_str!("../SPEC.md")]
+pub mod spec {}
 mod bound;
 pub mod checkpoint;
 mod clip;

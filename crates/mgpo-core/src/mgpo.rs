@@ -1,5 +1,5 @@
 //! LoRA-MGPO: AdamW plus a perturbation along the optimizer's own first
-//! moment (docs/spec.md). A training step is two calls:
+//! moment ([the spec](crate::spec)). A training step is two calls:
 //!
 //! 1. [`Mgpo::perturb`] before the forward pass: for each group,
 //!    eps = sigma rho k d / (n + eps) with d the momentum m_{t-1} (adapter
@@ -502,7 +502,7 @@ impl<B: TensorOps, S: PartialSums> Mgpo<B, S> {
         .ok_or_else(|| MgpoError::Corrupt(format!("no first moment of `{}` on rank {}", self.layout.tensors[t].name, self.shard.rank())))
     }
 
-    /// The coefficients of the perturbation of this step (docs/spec.md, step 1).
+    /// The coefficients of the perturbation of this step ([the spec](crate::spec), step 1).
     fn perturbation<P: NamedTensors<B::Tensor> + ?Sized>(&self, params: &P) -> Result<Applied> {
         let cfg = &self.config;
         let n_groups = self.groups.len();
@@ -555,7 +555,7 @@ impl<B: TensorOps, S: PartialSums> Mgpo<B, S> {
         Ok(ap)
     }
 
-    /// The squared norm of the step's direction (docs/spec.md, step 1) per
+    /// The squared norm of the step's direction ([the spec](crate::spec), step 1) per
     /// member of a group: ||d_t||^2 per trainable tensor (adapter space),
     /// s_i^2 ||m_B A + B m_A||^2 or ||noise on W0_i||^2 per adapter (weight
     /// space). Each rank computes its own tensors' and adapters'; combined.
@@ -591,7 +591,7 @@ impl<B: TensorOps, S: PartialSums> Mgpo<B, S> {
     /// This step's sums over the gradients, each computed by the rank that
     /// owns the tensor and combined: ||g_t||^2 per trainable tensor, then the
     /// number of tensors with a non-finite entry, then (weight space)
-    /// s_i^2 ||g_B A + B g_A||^2 per adapter (docs/spec.md, step 3.3).
+    /// s_i^2 ||g_B A + B g_A||^2 per adapter ([the spec](crate::spec), step 3.3).
     fn grad_sums<P: NamedTensors<B::Tensor> + ?Sized>(&self, params: &P, grads: &[&B::Tensor]) -> Result<Vec<f64>> {
         let (n, be) = (grads.len(), &self.backend);
         let per_adapter = if self.config.space == Space::Weight { self.layout.adapters.len() } else { 0 };
@@ -612,7 +612,7 @@ impl<B: TensorOps, S: PartialSums> Mgpo<B, S> {
         Ok(sums)
     }
 
-    /// ||g|| per group (docs/spec.md, step 3.3) from [`Mgpo::grad_sums`]:
+    /// ||g|| per group ([the spec](crate::spec), step 3.3) from [`Mgpo::grad_sums`]:
     /// per-tensor sums in adapter space, per-adapter sums in weight space.
     fn group_grad_norms(&self, sq: &[f64], adapter_sq: &[f64]) -> Vec<f64> {
         let sum = |g: &Group| match self.config.space {
@@ -761,7 +761,7 @@ impl<B: TensorOps, S: PartialSums> Mgpo<B, S> {
     }
 }
 
-/// The perturbation groups of docs/spec.md: `global` is one group; `per_adapter` is one per adapter
+/// The perturbation groups of [the spec](crate::spec): `global` is one group; `per_adapter` is one per adapter
 /// and, in adapter space, one per plain tensor. In weight space plain
 /// tensors belong to no group.
 fn make_groups(config: &Config, layout: &Layout) -> Vec<Group> {

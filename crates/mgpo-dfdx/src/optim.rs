@@ -97,7 +97,7 @@ where
         Self::builder(config).build(model)
     }
 
-    /// Adds this step's perturbation (docs/spec.md, step 1): to the
+    /// Adds this step's perturbation ([the spec](mgpo_core::spec), step 1): to the
     /// trainable tensors in `adapter` space, or as each layer's factored
     /// eps_D in `weight` space. Call before the forward pass. A refusal
     /// changes nothing.
@@ -119,7 +119,7 @@ where
     }
 
     /// One optimizer step from the gradients taken at the perturbed point
-    /// (docs/spec.md, step 3): removes the perturbation, updates g_bar,
+    /// ([the spec](mgpo_core::spec), step 3): removes the perturbation, updates g_bar,
     /// clips, runs AdamW; a non-finite gradient makes it a no-op reported as
     /// skipped. A trainable tensor that `grads` does not hold is
     /// [`MgpoError::MissingGradient`] with its layout name. After any error

@@ -17,7 +17,8 @@
 //! opt.step(&mut params, ..., &grads)?;                // same bits in, same bits out
 //! ```
 //!
-//! Running and the guarantees: docs/distributed.md.
+//! Running and the guarantees: `docs/distributed.md` in the repository
+//! (<https://github.com/lora-mgpo/lora-mgpo/blob/main/docs/distributed.md>).
 
 mod collective;
 mod data_parallel;

@@ -10,7 +10,7 @@
 //! or have both partners of a pair add the same two values, and IEEE
 //! addition is commutative; but the MPI standard only recommends that
 //! ranks agree, while the scatter-gather form agrees by construction, at a
-//! price (docs/distributed.md).
+//! price (`docs/distributed.md` in the repository).
 
 use std::cell::RefCell;
 

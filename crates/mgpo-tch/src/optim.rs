@@ -178,7 +178,7 @@ impl MgpoOptimizer {
     }
 
     /// Removes the perturbation and, unless a gradient is non-finite, runs
-    /// the step (docs/spec.md, step 3) on each variable's `.grad()`, taken
+    /// the step ([the spec](mgpo_core::spec), step 3) on each variable's `.grad()`, taken
     /// at the perturbed point. A variable without a gradient is
     /// [`MgpoError::MissingGradient`] naming it. On any error the
     /// parameters are left clean and the state unchanged.

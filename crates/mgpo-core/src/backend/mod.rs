@@ -1,7 +1,8 @@
 //! For backend authors: what the algorithm needs from a tensor library, one
 //! small trait per capability (after argmin-math). A backend implements
 //! these for its own tensor type; the algorithm in [`crate::Mgpo`] never
-//! sees the backend. `docs/backend-guide.md` walks through a complete one.
+//! sees the backend. The conformance crate's guide (`mgpo_conformance::guide`)
+//! walks through a complete one and its tests.
 //!
 //! | trait | methods | precision |
 //! |---|---|---|
