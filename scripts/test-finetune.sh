@@ -18,4 +18,4 @@ source scripts/setup-libtorch.sh
   || "$MGPO_TORCH_PYTHON" -m pip install --quiet --no-input "peft>=0.17" "transformers>=4.50"
 export MGPO_MINILM_DIR="$(bash scripts/fetch-minilm.sh)"
 
-cargo test -p mgpo-finetune -- --test-threads=1
+cargo test -p mgpo-finetune

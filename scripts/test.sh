@@ -25,10 +25,7 @@ export MGPO_MINILM_DIR
 export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-20261130}"
 
 echo "== cargo test (all crates, all backends)"
-cargo test --workspace --all-features --exclude mgpo-finetune
-
-echo "== cargo test -p mgpo-finetune (the model's tests, one at a time)"
-cargo test -p mgpo-finetune -- --test-threads=1
+cargo test --workspace --all-features
 
 echo "== mgpo conformance --backend all"
 cargo run -q -p mgpo-cli --all-features -- conformance --backend all \

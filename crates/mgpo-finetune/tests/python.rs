@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 
 use candle_core::{Device, Tensor};
 use mgpo_core::LoraConfig;
@@ -41,6 +42,13 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// One Python (torch and transformers, several threads each) at a time:
+/// the tests of this file hold it while they run.
+fn one_at_a_time() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs tools/peft_check.py `cmd` on `req`; panics with its stderr on failure.
 fn python(cmd: &str, req: Value, dir: &PathBuf) -> Value {
     let py = std::env::var("MGPO_TORCH_PYTHON").expect("MGPO_TORCH_PYTHON is not set: `source scripts/setup-libtorch.sh` (scripts/test-finetune.sh does)");
@@ -69,6 +77,7 @@ fn rows(t: &Tensor) -> Vec<Vec<f64>> {
 
 #[test]
 fn hidden_states_match_transformers() {
+    let _one = one_at_a_time();
     let files = ModelFiles::open(&model_dir()).unwrap();
     let enc = files.tokenizer(MAX_LEN).unwrap();
     let dir = tmp("hidden");
@@ -99,6 +108,7 @@ fn examples() -> Vec<Example> {
 
 #[test]
 fn a_rust_adapter_loads_in_peft_with_the_same_outputs() {
+    let _one = one_at_a_time();
     let files = ModelFiles::open(&model_dir()).unwrap();
     let enc = files.tokenizer(MAX_LEN).unwrap();
     let lora = LoraConfig::new(4, 8.0);
@@ -126,6 +136,7 @@ fn a_rust_adapter_loads_in_peft_with_the_same_outputs() {
 
 #[test]
 fn a_peft_adapter_loads_here_with_the_same_outputs() {
+    let _one = one_at_a_time();
     let files = ModelFiles::open(&model_dir()).unwrap();
     let enc = files.tokenizer(MAX_LEN).unwrap();
     let dir = tmp("peft2rust");
