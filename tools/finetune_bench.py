@@ -43,6 +43,11 @@ not SplitMix64: same distributions, other values), and the attention kernel
 
   --lengths  prints the token-length percentiles of the chosen splits'
              texts (untruncated) and exits.
+  --eval-adapter DIR  loads a peft adapter (one `mgpo finetune` wrote, say)
+             with PeftModel.from_pretrained and prints `test: loss L acc A`
+             on this script's test split, as `mgpo finetune --eval-only
+             --adapter DIR` does on its own: equal figures show that both
+             sides read the same texts, labels and tokens.
 """
 import argparse
 import json
@@ -162,6 +167,7 @@ def main():
     ap.add_argument("--out", default="out/finetune-torch")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--lengths", action="store_true")
+    ap.add_argument("--eval-adapter")
     args = ap.parse_args()
     per_class = [int(x) for x in args.per_class.split(",")]
     if len(per_class) != 3:
@@ -170,7 +176,7 @@ def main():
     labels, train, val, test = wordnet(args.wordnet, per_class, args.seed)
 
     import torch
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.masking_utils import create_bidirectional_mask
@@ -192,6 +198,14 @@ def main():
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
     )
     n_layers = base.config.num_hidden_layers
+    if args.eval_adapter:
+        pm = PeftModel.from_pretrained(base, args.eval_adapter).eval()
+        with torch.no_grad():
+            x = tok([t for t, _ in test], padding="max_length", truncation=True, max_length=args.max_len, return_tensors="pt")
+            y = torch.tensor([y for _, y in test])
+            lg = torch.cat([pm(input_ids=x["input_ids"][i:i + 128], attention_mask=x["attention_mask"][i:i + 128]).logits for i in range(0, len(y), 128)])
+        print(f"test: loss {torch.nn.functional.cross_entropy(lg, y).item():.4f} acc {(lg.argmax(-1) == y).float().mean().item():.4f}")
+        return
     cfg = LoraConfig(
         r=args.rank, lora_alpha=args.alpha, use_rslora=False, target_modules=TARGET_MODULES,
         layers_to_transform=list(range(args.adapt_from, n_layers)), layers_pattern="layer",
