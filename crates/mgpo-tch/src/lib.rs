@@ -95,6 +95,8 @@ pub use backend::TchBackend;
 pub use lora::{is_target, LoraAdapter, LoraLinear};
 pub use optim::{MgpoBuilder, MgpoOptimizer};
 pub use var_store::VarStoreAdapters;
+/// The tch crate (0.26, libtorch 2.13) this crate is built against, so that users and tests name the same version.
+pub use tch;
 
 /// The tch backend on the CPU in f32.
 pub fn cpu_f32() -> TchBackend {
