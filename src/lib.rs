@@ -28,6 +28,8 @@
 //! # Ok::<(), lora_mgpo::MgpoError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub use mgpo_core::*;
 
 #[cfg(feature = "ndarray")]

@@ -79,6 +79,7 @@ impl BurnTensor {
         Ok(self.flat.reshape(dims))
     }
 
+    /// Its shape, outermost dimension first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -117,6 +118,8 @@ pub struct BurnBackend {
 }
 
 impl BurnBackend {
+    /// A backend creating `dtype` tensors on `device`, with the host
+    /// kernels and the default parallel threshold (2^15 elements).
     pub fn new(device: Device, dtype: FloatDType) -> Self {
         BurnBackend { device: device.inner(), dtype, par_threshold: 1 << 15, host_kernels: true }
     }

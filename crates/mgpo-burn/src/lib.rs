@@ -72,6 +72,8 @@
 //! does not give generically; only burn's `fusion` decorator can merge the
 //! element-wise chains into one kernel.
 
+#![warn(missing_docs)]
+
 pub mod backend;
 mod host;
 pub mod lora;

@@ -41,7 +41,9 @@ const CHUNK: usize = 1 << 14;
 /// hold, as long as all tensors of one call agree.
 #[derive(Debug, Clone)]
 pub struct CandleBackend {
+    /// Where new tensors (m, v, vectors' inputs) are created.
     pub device: Device,
+    /// The element type of new tensors.
     pub dtype: DType,
     /// Tensors with at least this many elements are updated by several threads.
     pub par_threshold: usize,
@@ -53,10 +55,13 @@ pub struct CandleBackend {
 }
 
 impl CandleBackend {
+    /// A backend creating `dtype` tensors on `device`, with the fused CPU
+    /// kernels and the default parallel threshold (2^15 elements).
     pub fn new(device: Device, dtype: DType) -> Self {
         CandleBackend { device, dtype, par_threshold: 1 << 15, cpu_kernels: true }
     }
 
+    /// [`CandleBackend::new`] on the CPU.
     pub fn cpu(dtype: DType) -> Self {
         Self::new(Device::Cpu, dtype)
     }

@@ -88,6 +88,8 @@
 //! of its frozen base weight W0 in factored form and W0 itself is never
 //! written, so it stays bit-identical (see [`lora`]).
 
+#![warn(missing_docs)]
+
 mod backend;
 mod cpu;
 pub mod lora;

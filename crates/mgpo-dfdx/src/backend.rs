@@ -127,18 +127,23 @@ impl<E: Element> DfTensor<E> {
         Ok(())
     }
 
+    /// Its shape, outermost dimension first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
+    /// Its number of elements.
     pub fn len(&self) -> usize {
         self.as_slice().len()
     }
+    /// Whether it has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The elements, row-major.
     pub fn as_slice(&self) -> &[E] {
         E::slice(&self.buf)
     }
+    /// The elements, row-major, to write in place.
     pub fn as_mut_slice(&mut self) -> &mut [E] {
         E::slice_mut(&mut self.buf)
     }
@@ -184,6 +189,7 @@ impl<E> DfdxBackend<E> {
     pub fn new(dev: Cpu) -> Self {
         DfdxBackend { dev, _e: PhantomData }
     }
+    /// The device new tensors are allocated on.
     pub fn device(&self) -> &Cpu {
         &self.dev
     }

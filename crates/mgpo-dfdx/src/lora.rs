@@ -189,6 +189,7 @@ where
         first(&self.lora_dropout).to_f64().unwrap_or(f64::NAN)
     }
 
+    /// Whether s B A has been added into the base weight ([`Self::merge`]).
     pub fn is_merged(&self) -> bool {
         first(&self.lora_merged) != E::default()
     }

@@ -17,16 +17,40 @@
 pub enum CommError {
     /// Buffers whose lengths do not fit the operation.
     #[error("{op}: {detail}")]
-    Length { op: &'static str, detail: String },
+    Length {
+        /// The operation.
+        op: &'static str,
+        /// Which lengths, and what they should be.
+        detail: String,
+    },
     /// A send and a receive buffer of different element types.
     #[error("{op}: send buffer is {send}, receive buffer is {recv}")]
-    DtypeMismatch { op: &'static str, send: &'static str, recv: &'static str },
+    DtypeMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The send buffer's element type.
+        send: &'static str,
+        /// The receive buffer's element type.
+        recv: &'static str,
+    },
     /// A root rank outside the communicator.
     #[error("{op}: root rank {root} outside a communicator of {size} ranks")]
-    Root { op: &'static str, root: usize, size: usize },
+    Root {
+        /// The operation.
+        op: &'static str,
+        /// The root given.
+        root: usize,
+        /// The communicator's size.
+        size: usize,
+    },
     /// A tensor whose elements are not one contiguous row-major slice.
     #[error("tensor {index} is not contiguous in row-major order (shape {shape:?})")]
-    NotContiguous { index: usize, shape: Vec<usize> },
+    NotContiguous {
+        /// Its position among the tensors of the call.
+        index: usize,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
     /// An invalid argument to a constructor (a zero-sized bucket, say).
     #[error("{0}")]
     Invalid(String),
@@ -42,32 +66,40 @@ pub enum CommError {
     Optimizer(mgpo_core::MgpoError),
 }
 
+/// The result of a collective call.
 pub type Result<T> = std::result::Result<T, CommError>;
 
 /// A read-only flat buffer.
 #[derive(Debug, Clone, Copy)]
 pub enum Buf<'a> {
+    /// f32 elements.
     F32(&'a [f32]),
+    /// f64 elements.
     F64(&'a [f64]),
 }
 
 /// A writable flat buffer.
 #[derive(Debug)]
 pub enum BufMut<'a> {
+    /// f32 elements.
     F32(&'a mut [f32]),
+    /// f64 elements.
     F64(&'a mut [f64]),
 }
 
 impl Buf<'_> {
+    /// Its number of elements.
     pub fn len(&self) -> usize {
         match self {
             Buf::F32(x) => x.len(),
             Buf::F64(x) => x.len(),
         }
     }
+    /// Whether it has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Its element type's name (`f32`, `f64`).
     pub fn dtype(&self) -> &'static str {
         match self {
             Buf::F32(_) => "f32",
@@ -77,15 +109,18 @@ impl Buf<'_> {
 }
 
 impl BufMut<'_> {
+    /// Its number of elements.
     pub fn len(&self) -> usize {
         match self {
             BufMut::F32(x) => x.len(),
             BufMut::F64(x) => x.len(),
         }
     }
+    /// Whether it has no elements.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Its element type's name (`f32`, `f64`).
     pub fn dtype(&self) -> &'static str {
         match self {
             BufMut::F32(_) => "f32",
@@ -96,10 +131,13 @@ impl BufMut<'_> {
 
 /// Element types that travel through a [`Collective`].
 pub trait Scalar: Copy + Default + PartialEq + Send + Sync + std::fmt::Debug + 'static {
+    /// `x` as a read-only buffer.
     fn buf(x: &[Self]) -> Buf<'_>;
+    /// `x` as a writable buffer.
     fn buf_mut(x: &mut [Self]) -> BufMut<'_>;
     /// The nearest value of this type.
     fn from_f64(x: f64) -> Self;
+    /// `self * other` (averaging a sum: multiplying by 1 / ranks).
     fn mul(self, other: Self) -> Self;
 }
 
@@ -141,7 +179,9 @@ impl Scalar for f64 {
 /// same bits. The exception is [`Collective::all_reduce_partial_sums`], whose
 /// order is fixed: rank 0 + rank 1 + ... on every rank.
 pub trait Collective {
+    /// This process's rank, 0 to `size() - 1`.
     fn rank(&self) -> usize;
+    /// The number of ranks.
     fn size(&self) -> usize;
 
     /// `sums[i] <- sum over ranks r (in rank order) of sums_r[i]`: the

@@ -31,9 +31,11 @@ use crate::collective::{Collective, CommError, Result, Scalar};
 /// Implemented for `ndarray::ArrayD` in standard layout; a device backend
 /// would implement its own buckets on device memory instead.
 pub trait Bucketable {
+    /// The element type.
     type Elem: Scalar;
     /// The elements, or `None` when they are not one row-major slice.
     fn flat(&self) -> Option<&[Self::Elem]>;
+    /// The elements to write, or `None` when they are not one row-major slice.
     fn flat_mut(&mut self) -> Option<&mut [Self::Elem]>;
     /// For error messages.
     fn dims(&self) -> Vec<usize>;
@@ -121,14 +123,17 @@ impl<C: Collective, E: Scalar> DataParallel<C, E> {
         Ok(DataParallel { comm, bucket_elems, bucket: Vec::new(), pieces: Vec::new(), stats: CommStats::default() })
     }
 
+    /// The communicator.
     pub fn comm(&self) -> &C {
         &self.comm
     }
 
+    /// This process's rank.
     pub fn rank(&self) -> usize {
         self.comm.rank()
     }
 
+    /// The number of ranks.
     pub fn size(&self) -> usize {
         self.comm.size()
     }

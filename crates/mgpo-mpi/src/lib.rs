@@ -20,6 +20,8 @@
 //! Running and the guarantees: `docs/distributed.md` in the repository
 //! (<https://github.com/lora-mgpo/lora-mgpo/blob/main/docs/distributed.md>).
 
+#![warn(missing_docs)]
+
 mod collective;
 mod data_parallel;
 #[cfg(feature = "mpi")]

@@ -136,6 +136,7 @@ impl<C: Collective, E: Scalar> Zero<C, E> {
         Ok(Zero { window: bucket_elems / comm.size(), comm, shard, params, replicas, lens, adapter_space, send: Vec::new(), recv: Vec::new(), stats: CommStats::default() })
     }
 
+    /// The communicator.
     pub fn comm(&self) -> &C {
         &self.comm
     }

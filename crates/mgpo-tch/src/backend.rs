@@ -47,10 +47,12 @@ impl TchBackend {
         TchBackend { device: Device::Cpu, kind: Kind::Double }
     }
 
+    /// Where new tensors are created.
     pub fn device(&self) -> Device {
         self.device
     }
 
+    /// The element type of new tensors.
     pub fn kind(&self) -> Kind {
         self.kind
     }

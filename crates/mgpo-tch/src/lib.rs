@@ -86,6 +86,8 @@
 //! their forward pass: their frozen W0 is never written and stays
 //! bit-identical (see [`lora`]).
 
+#![warn(missing_docs)]
+
 mod backend;
 pub mod lora;
 mod optim;

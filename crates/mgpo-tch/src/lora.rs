@@ -173,10 +173,12 @@ impl LoraLinear {
         LoraLinear { base, adapter: None, merged: None, training: Arc::new(AtomicBool::new(true)) }
     }
 
+    /// The frozen base layer (W0 and bias).
     pub fn base(&self) -> &nn::Linear {
         &self.base
     }
 
+    /// The adapter, or `None` for a layer left frozen.
     pub fn adapter(&self) -> Option<&LoraAdapter> {
         self.adapter.as_ref()
     }
@@ -186,6 +188,7 @@ impl LoraLinear {
         self.training.store(training, Ordering::Relaxed);
     }
 
+    /// Whether the adapter's dropout is on.
     pub fn is_training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
     }
@@ -249,6 +252,7 @@ impl LoraLinear {
         self.merged = None;
     }
 
+    /// Whether s B A has been added into the base weight ([`Self::merge`]).
     pub fn is_merged(&self) -> bool {
         self.merged.is_some()
     }
