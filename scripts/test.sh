@@ -40,4 +40,8 @@ python tools/gen_vectors.py --out "$tmp"
 for f in "$tmp"/*.json; do
   cmp "$f" "$vectors/$(basename "$f")" || { echo "test.sh: committed vector $(basename "$f") differs from the generator's output" >&2; exit 1; }
 done
+
+echo "== packaging: every publishable crate packages; core, conformance and ndarray build from their packages; examples/vec-backend passes the kit against the unpacked copies"
+bash scripts/package-check.sh
+
 echo "test.sh: all checks passed"
