@@ -20,6 +20,11 @@ fn main() {
     if os != "linux" && os != "macos" {
         return;
     }
+    // Cargo reruns this script when mgpo-tch's rpath changes only through
+    // this file, which mgpo-tch's build script rewrites on each run.
+    if let Ok(stamp) = env::var("DEP_MGPO_TCH_LIBTORCH_LIB_STAMP") {
+        println!("cargo:rerun-if-changed={stamp}");
+    }
     match env::var("DEP_MGPO_TCH_LIBTORCH_LIB") {
         Ok(dir) if !dir.is_empty() => println!("cargo:rustc-link-arg-bins=-Wl,-rpath,{dir}"),
         _ => println!("cargo:warning=mgpo-cli: mgpo-tch passed no libtorch lib/; `mgpo` will need LD_LIBRARY_PATH"),

@@ -11,7 +11,9 @@
 //! directory is re-published as `cargo:libtorch_lib` under this crate's
 //! `links = "mgpo-tch"`: a dependent's build script reads it as
 //! `DEP_MGPO_TCH_LIBTORCH_LIB` (mgpo-cli's build.rs gives the `mgpo` binary
-//! an rpath with it). Other binaries still need LD_LIBRARY_PATH from
+//! an rpath with it), beside `DEP_MGPO_TCH_LIBTORCH_LIB_STAMP`, a file in
+//! OUT_DIR rewritten on each run, for the dependent's rerun-if-changed.
+//! Other binaries still need LD_LIBRARY_PATH from
 //! `scripts/setup-libtorch.sh`.
 //!
 //! Without the variable (torch-sys built with `doc-only`, or a target other
@@ -46,4 +48,14 @@ fn main() {
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display());
     println!("cargo:libtorch_lib={}", dir.display());
+    // Cargo does not rerun a dependent's build script when this metadata
+    // changes (a new libtorch) and DEP_* cannot be named in
+    // rerun-if-env-changed; this file, rewritten on every run of this
+    // script, is what a dependent names in rerun-if-changed instead.
+    if let Some(out) = env::var_os("OUT_DIR") {
+        let stamp = PathBuf::from(out).join("libtorch_lib.txt");
+        if std::fs::write(&stamp, dir.display().to_string()).is_ok() {
+            println!("cargo:libtorch_lib_stamp={}", stamp.display());
+        }
+    }
 }
