@@ -39,6 +39,7 @@ pub struct ModuleBench {
 pub const VARIANTS: [&str; 3] = ["burn-optim-adamw", "module-adamw", "module-mgpo-adapter"];
 
 impl ModuleBench {
+    /// Builds the adapters of `shape` and the optimizer of `variant` (one of [`VARIANTS`]).
     pub fn new(shape: LoraShape, variant: &str) -> Result<Self, String> {
         let dev = ndarray_device().clone().autodiff();
         let (r, d) = (shape.rank, shape.dim);

@@ -20,9 +20,13 @@ use crate::step::{filled, Variant};
 /// The model's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct E2eShape {
+    /// Width of every layer (d x d W0).
     pub dim: usize,
+    /// LoRA rank of every layer.
     pub rank: usize,
+    /// Number of LoRA linear layers.
     pub layers: usize,
+    /// Rows of the input batch.
     pub tokens: usize,
 }
 
@@ -38,6 +42,7 @@ impl E2eShape {
         2 * self.rank * self.dim * self.layers
     }
 
+    /// The shape in words, for tables.
     pub fn describe(&self) -> String {
         format!("{} x ({}, r {}), {} tokens", self.layers, self.dim, self.rank, self.tokens)
     }
@@ -46,6 +51,7 @@ impl E2eShape {
 /// The variants run end to end (weight space in factored form).
 pub const VARIANTS: [Variant; 3] = [Variant::Adamw, Variant::MgpoAdapter, Variant::MgpoWeight];
 
+/// The end-to-end step on candle.
 #[cfg(feature = "candle")]
 pub mod candle {
     use candle_core::{DType, Device, Module, Tensor};
@@ -74,6 +80,7 @@ pub mod candle {
     }
 
     impl E2e {
+        /// Builds the model with deterministic weights and a fixed batch, and the optimizer of `variant`.
         pub fn new(shape: E2eShape, variant: Variant) -> Result<E2e, String> {
             let varmap = VarMap::new();
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -116,6 +123,7 @@ pub mod candle {
     }
 }
 
+/// The end-to-end step on tch (libtorch).
 #[cfg(feature = "tch")]
 pub mod tch_e2e {
     use mgpo_tch::{LoraLinear, MgpoOptimizer};
@@ -143,6 +151,7 @@ pub mod tch_e2e {
     }
 
     impl E2e {
+        /// Builds the model with deterministic weights and a fixed batch, and the optimizer of `variant`.
         pub fn new(shape: E2eShape, variant: Variant) -> Result<E2e, String> {
             let vs = nn::VarStore::new(Device::Cpu);
             let d = shape.dim;
@@ -197,6 +206,7 @@ pub mod demo {
 
     /// Adapter rank (alpha = r, as the demo) and batch size (the demo's).
     pub const RANK: usize = 32;
+    /// Samples per batch.
     pub const BATCH: usize = 32;
 
     fn err(e: impl std::fmt::Display) -> String {
@@ -226,6 +236,7 @@ pub mod demo {
     }
 
     impl Demo {
+        /// A demo session on `backend` with the optimizer of `variant`, after two warm-up steps.
         pub fn new(backend: &str, variant: Variant) -> Result<Demo, String> {
             let base = BaseModel::init(1);
             let spec = SessionSpec { base: &base, rank: RANK, alpha: RANK as f64, config: variant.config(), init_a: adapter_init(RANK, 2) };
@@ -238,6 +249,7 @@ pub mod demo {
             Ok(d)
         }
 
+        /// One training step on the fixed batch; an error when the optimizer skipped it.
         pub fn step(&mut self) -> Result<(), String> {
             let out = self.session.train_step(&self.x, &self.y).map_err(err)?;
             if out.report.skipped {

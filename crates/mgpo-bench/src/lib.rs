@@ -20,8 +20,10 @@
 //! the peer's) once, for a fixed number of calls; statistics are over all
 //! rounds, so slow drifts of a shared machine hit both sides alike.
 
+#![warn(missing_docs)]
+
 #[cfg(feature = "burn")]
-pub mod burn_module;
+pub(crate) mod burn_module;
 pub mod e2e;
 pub mod memory;
 pub mod peer;
@@ -67,6 +69,7 @@ pub fn compiled_backends() -> Vec<&'static str> {
 /// Whether to run the PyTorch peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerMode {
+    /// Do not run it.
     Off,
     /// Run it when it starts; note why when it does not.
     Auto,
@@ -77,28 +80,38 @@ pub enum PeerMode {
 /// What to measure and how long.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Trainable-parameter counts of the steps section, one [`sizes::LoraShape`] each.
     pub params: Vec<usize>,
+    /// Backends to measure (names from [`compiled_backends`]).
     pub backends: Vec<String>,
     /// The W0 side of the weight-space case (square).
     pub weight_dim: usize,
+    /// LoRA ranks of the weight-space case.
     pub weight_ranks: Vec<usize>,
     /// The in-place-W0 weight-space step is run up to this many trainable
     /// parameters (its W0s take d / (2 r) times the adapters' memory).
     pub w0_max_params: usize,
+    /// The model of the end-to-end section.
     pub e2e: e2e::E2eShape,
     /// Alternation rounds; each round times every item once.
     pub rounds: usize,
     /// Seconds of calls per item per round (the call count is fixed from a
     /// first timed call).
     pub budget_s: f64,
+    /// Whether to run the PyTorch peer.
     pub peer: PeerMode,
+    /// The Python interpreter that runs the peer.
     pub python: PathBuf,
     /// The peer script file; `None` runs the copy embedded in this crate
     /// ([`peer::SCRIPT`]).
     pub peer_script: Option<PathBuf>,
+    /// Run the steps section.
     pub steps: bool,
+    /// Run the weight section.
     pub weight: bool,
+    /// Run the end-to-end section.
     pub e2e_section: bool,
+    /// Run the memory section.
     pub memory: bool,
     /// The program and leading arguments that run an RSS probe of ours
     /// (`mgpo bench`); `None` skips our probes.
@@ -134,7 +147,9 @@ impl Default for Options {
 /// The machine and the conditions of the run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
+    /// CPU model name (`/proc/cpuinfo`; the architecture where unknown).
     pub cpu: String,
+    /// Logical CPUs the OS reports.
     pub logical_cpus: usize,
     /// rayon threads (ours) and intra-op threads (PyTorch's).
     pub threads: usize,
@@ -142,6 +157,7 @@ pub struct Machine {
     pub isa: String,
     /// 1-, 5-, 15-minute load averages before and after the run.
     pub load_before: Vec<f64>,
+    /// The same, after the run.
     pub load_after: Vec<f64>,
 }
 
@@ -166,12 +182,16 @@ pub struct Row {
     pub section: String,
     /// `ndarray`, `candle`, `tch`, `dfdx`, `torch`, `stream` (the bound).
     pub backend: String,
+    /// The variant measured (`adamw`, `mgpo-adapter`, ..., or the peer's name for it).
     pub variant: String,
     /// Trainable parameters (weight section: of the adapter).
     pub params: usize,
+    /// The shape measured, in words.
     pub shape: String,
+    /// Time of one call, in seconds, over all rounds.
     #[serde(flatten)]
     pub stats: Stats,
+    /// Median time of one call per trainable parameter, in nanoseconds.
     pub ns_per_param: f64,
     /// Least bytes a step moves per parameter (steps section).
     pub bytes_per_param: Option<f64>,
@@ -187,7 +207,9 @@ pub struct Row {
 /// Optimizer state of each variant (ndarray, f32).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateRow {
+    /// The variant ([`step::Variant::name`]).
     pub variant: String,
+    /// Its state, in bytes and per parameter.
     #[serde(flatten)]
     pub size: step::StateSize,
 }
@@ -195,24 +217,37 @@ pub struct StateRow {
 /// A peak-RSS probe.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RssRow {
+    /// Whose step was probed: `ours` or `torch`.
     pub side: String,
+    /// What the probe measured.
     #[serde(flatten)]
     pub probe: memory::RssProbe,
+    /// Peak RSS over the steps minus the RSS before them, in bytes.
     pub added_bytes: u64,
+    /// `added_bytes` per trainable parameter.
     pub added_per_param: f64,
 }
 
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
+    /// Where and under what load it ran.
     pub machine: Machine,
+    /// Alternation rounds ([`Options::rounds`]).
     pub rounds: usize,
+    /// Seconds of calls per item per round ([`Options::budget_s`]).
     pub budget_s: f64,
+    /// The PyTorch peer's versions; None when it did not run.
     pub peer: Option<peer::PeerInfo>,
+    /// The timed items.
     pub rows: Vec<Row>,
+    /// Optimizer state per variant.
     pub state: Vec<StateRow>,
+    /// Peak-RSS probes.
     pub rss: Vec<RssRow>,
+    /// The targets, evaluated on the rows.
     pub targets: Vec<Target>,
+    /// Why something was skipped or may be off, for the reader.
     pub notes: Vec<String>,
 }
 

@@ -19,6 +19,7 @@ use crate::weight::{Materialised, RankDecomposed};
 /// One probe's result (also the JSON line the child prints).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RssProbe {
+    /// What was probed: `step:<variant>` or `weight:<variant>`.
     pub kind: String,
     /// Trainable parameters.
     pub params: usize,

@@ -36,8 +36,11 @@ pub fn default_python() -> PathBuf {
 /// What the peer said about itself.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerInfo {
+    /// PyTorch version.
     pub torch: String,
+    /// PyTorch intra-op threads.
     pub threads: usize,
+    /// The interpreter that runs it.
     pub python: String,
 }
 
@@ -46,6 +49,7 @@ pub struct Peer {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    /// What the peer reported when it started.
     pub info: PeerInfo,
 }
 

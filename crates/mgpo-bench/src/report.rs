@@ -7,12 +7,17 @@ use crate::{Options, Report, Row};
 /// One target: what was measured, the threshold, and whether it was met.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
+    /// What was measured.
     pub name: String,
+    /// The measured value.
     pub value: f64,
     /// `<=` or `>=`.
     pub op: String,
+    /// The value it is compared with by `op`.
     pub threshold: f64,
+    /// Whether `value op threshold` holds.
     pub met: bool,
+    /// The measurements behind the value, in words.
     pub detail: String,
 }
 

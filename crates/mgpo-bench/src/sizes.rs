@@ -11,8 +11,11 @@ use serde::{Deserialize, Serialize};
 /// `adapters` LoRA adapters with A: rank x dim and B: dim x rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoraShape {
+    /// Side d of each adapter's W0.
     pub dim: usize,
+    /// LoRA rank r.
     pub rank: usize,
+    /// Number of adapters.
     pub adapters: usize,
 }
 

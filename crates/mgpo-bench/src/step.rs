@@ -28,8 +28,10 @@ pub enum Variant {
 }
 
 impl Variant {
+    /// Every variant, in table order.
     pub const ALL: [Variant; 4] = [Variant::Adamw, Variant::MgpoAdapter, Variant::MgpoWeight, Variant::MgpoWeightW0];
 
+    /// The name in tables, JSON and on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Variant::Adamw => "adamw",
@@ -39,6 +41,7 @@ impl Variant {
         }
     }
 
+    /// The variant whose [`name`](Variant::name) is `s`; None for any other string.
     pub fn parse(s: &str) -> Option<Variant> {
         Variant::ALL.into_iter().find(|v| v.name() == s)
     }
@@ -53,6 +56,7 @@ impl Variant {
         }
     }
 
+    /// Whether the optimizer holds W0 and perturbs it in place.
     pub fn with_w0(self) -> bool {
         self == Variant::MgpoWeightW0
     }
@@ -103,8 +107,11 @@ pub fn filled(n: usize, seed: u64, scale: f64) -> Vec<f64> {
 
 /// The trainable tensors of a [`LoraShape`], their gradients and W0s.
 pub struct LoraTensors<T> {
+    /// A and B of every adapter, in order.
     pub params: Vec<T>,
+    /// Their gradients, in the same order.
     pub grads: Vec<T>,
+    /// One W0 per adapter when built with W0; else empty.
     pub frozen: Vec<T>,
 }
 
@@ -181,14 +188,17 @@ impl<B: TensorOps + HostIo> StepBench<B> {
         Ok(())
     }
 
+    /// The variant measured.
     pub fn variant(&self) -> Variant {
         self.variant
     }
 
+    /// The parameter set measured.
     pub fn shape(&self) -> LoraShape {
         self.shape
     }
 
+    /// The optimizer, for its state.
     pub fn optimizer(&self) -> &Mgpo<B> {
         &self.opt
     }

@@ -24,10 +24,12 @@ impl Stream {
         Stream { p: vec![0.5; n], g: vec![0.25; n], m: vec![0.0; n], v: vec![0.0; n], chunk: 1 << 13 }
     }
 
+    /// Elements per buffer.
     pub fn len(&self) -> usize {
         self.p.len()
     }
 
+    /// Whether the buffers are empty.
     pub fn is_empty(&self) -> bool {
         self.p.is_empty()
     }
@@ -62,6 +64,7 @@ impl Stream {
         self.chunk = best.1;
     }
 
+    /// Elements per parallel chunk (set by [`Stream::calibrate`]).
     pub fn chunk(&self) -> usize {
         self.chunk
     }

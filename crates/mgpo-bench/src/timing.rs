@@ -26,8 +26,11 @@ pub fn reps_for(one_call: f64, budget: f64, lo: usize, hi: usize) -> usize {
 /// Median, minimum and mean of a set of samples (seconds).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
+    /// Median, in seconds.
     pub median_s: f64,
+    /// Minimum, in seconds.
     pub min_s: f64,
+    /// Mean, in seconds.
     pub mean_s: f64,
     /// Number of samples.
     pub n: usize,

@@ -67,6 +67,7 @@ pub struct RankDecomposed<B: TensorOps + HostIo> {
 }
 
 impl<B: TensorOps + HostIo> RankDecomposed<B> {
+    /// One adapter, W0 out x inn and rank `rank`, with deterministic values, on `be`.
     pub fn new(be: B, out: usize, inn: usize, rank: usize) -> Result<Self, String> {
         let h = host(out, inn, rank);
         let t = |shape: &[usize], d: &[f64]| be.from_f64(shape, d).map_err(err);
@@ -128,6 +129,7 @@ pub struct Materialised {
 }
 
 impl Materialised {
+    /// One adapter, W0 out x inn and rank `rank`, with deterministic values (the same as [`RankDecomposed::new`]).
     pub fn new(out: usize, inn: usize, rank: usize) -> Materialised {
         let h = host(out, inn, rank);
         Materialised {

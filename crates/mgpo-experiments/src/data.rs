@@ -7,17 +7,23 @@ use crate::rng::Rng;
 /// n samples of `dim` features (row-major) with labels in 0..classes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
+    /// Features, `len() x dim`, row-major.
     pub x: Vec<f32>,
+    /// Class label of each sample, in 0..classes.
     pub y: Vec<u32>,
+    /// Features per sample.
     pub dim: usize,
+    /// Number of classes the labels range over.
     pub classes: usize,
 }
 
 impl Dataset {
+    /// Number of samples.
     pub fn len(&self) -> usize {
         self.y.len()
     }
 
+    /// Whether the set holds no sample.
     pub fn is_empty(&self) -> bool {
         self.y.is_empty()
     }
@@ -98,14 +104,20 @@ pub fn rotate90(img: &[f32]) -> Vec<f32> {
 /// labels a synthetic classification task.
 #[derive(Debug, Clone)]
 pub struct Teacher {
+    /// Input features.
     pub dim: usize,
+    /// Width of the hidden ReLU layer.
     pub hidden: usize,
+    /// Output classes (the argmax is the label).
     pub classes: usize,
+    /// First layer, `hidden x dim`, row-major.
     pub w1: Vec<f64>,
+    /// Second layer, `classes x hidden`, row-major.
     pub w2: Vec<f64>,
 }
 
 impl Teacher {
+    /// A teacher with Gaussian weights scaled by 1/sqrt(fan-in), drawn from `rng`.
     pub fn random(dim: usize, hidden: usize, classes: usize, rng: &mut Rng) -> Self {
         let w1 = (0..hidden * dim).map(|_| rng.normal() / (dim as f64).sqrt()).collect();
         let w2 = (0..classes * hidden).map(|_| rng.normal() / (hidden as f64).sqrt()).collect();

@@ -2,12 +2,18 @@
 
 use std::fmt;
 
+/// Why an experiment could not be set up or run.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Error {
     /// A sweep or run specification that cannot be run (the message says which field).
     InvalidSpec(String),
     /// `--backend` names a backend that is not compiled in.
-    UnknownBackend { name: String, available: Vec<&'static str> },
+    UnknownBackend {
+        /// The name asked for.
+        name: String,
+        /// The backends this build has.
+        available: Vec<&'static str>,
+    },
     /// The optimizer refused (bad configuration, shapes, ...).
     Optimizer(mgpo_core::MgpoError),
     /// The tensor framework failed.
@@ -44,6 +50,7 @@ impl From<candle_core::Error> for Error {
     }
 }
 
+/// The result of everything in this crate that can fail.
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// An I/O error with the path it concerns.

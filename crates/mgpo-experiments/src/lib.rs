@@ -21,6 +21,8 @@
 //! run's summary from its logged loss and evaluations) and [`rule`] (the
 //! pre-registered decision rule over paired seeds).
 
+#![warn(missing_docs)]
+
 pub mod backend;
 pub mod data;
 pub mod error;

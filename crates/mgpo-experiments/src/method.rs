@@ -52,6 +52,7 @@ pub enum Method {
 }
 
 impl Method {
+    /// Every method, in the order sweeps and tables list them.
     pub const ALL: [Method; 8] = [
         Method::Lora,
         Method::LoraClip,
@@ -66,6 +67,7 @@ impl Method {
     /// The plain-LoRA baselines every MGPO variant is judged against.
     pub const BASELINES: [Method; 2] = [Method::Lora, Method::LoraClip];
 
+    /// The name on the command line and in output files (`lora`, `mgpo-paper`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Method::Lora => "lora",
@@ -79,6 +81,7 @@ impl Method {
         }
     }
 
+    /// The method whose [`name`](Method::name) is `s`; None for any other string.
     pub fn parse(s: &str) -> Option<Method> {
         Method::ALL.into_iter().find(|m| m.name() == s)
     }

@@ -19,8 +19,11 @@ use safetensors::tensor::{Dtype, TensorView};
 use crate::error::{io, Result};
 use crate::rng::{derive, Rng};
 
+/// Input features of the base network (an 8 x 8 digit image).
 pub const INPUT: usize = 64;
+/// Width of both hidden layers.
 pub const HIDDEN: usize = 128;
+/// Output classes.
 pub const CLASSES: usize = 10;
 /// Layer names, input to output.
 pub const LAYERS: [&str; 3] = ["fc1", "fc2", "fc3"];
@@ -30,15 +33,20 @@ pub const DIMS: [(usize, usize); 3] = [(HIDDEN, INPUT), (HIDDEN, HIDDEN), (CLASS
 /// One frozen linear layer: W (out x in, row-major) and b.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LinearWeights {
+    /// Output features (rows of W).
     pub out: usize,
+    /// Input features (columns of W).
     pub inp: usize,
+    /// Weight matrix, `out x inp`, row-major.
     pub w: Vec<f32>,
+    /// Bias, one per output feature.
     pub b: Vec<f32>,
 }
 
 /// The base network's weights, layer by layer ([`LAYERS`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BaseModel {
+    /// The layers, in [`LAYERS`] order.
     pub layers: Vec<LinearWeights>,
 }
 

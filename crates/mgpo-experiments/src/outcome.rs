@@ -17,14 +17,19 @@ use crate::metrics::{rebound_phases, select_checkpoint, smooth, Rebound};
 /// The clean (unperturbed) model evaluated after `step` steps.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EvalRecord {
+    /// Steps taken before this evaluation (0: the initial model).
     pub step: u64,
     /// Loss and accuracy on the fixed training subset (the clean training loss).
     pub train_loss: f64,
+    /// Accuracy on the same subset, in [0, 1].
     pub train_accuracy: f64,
     /// On the validation split, which selects the checkpoint.
     pub val_loss: f64,
+    /// Accuracy on the validation split, in [0, 1].
     pub val_accuracy: f64,
+    /// Mean cross-entropy on the test split.
     pub test_loss: f64,
+    /// Accuracy on the test split, in [0, 1].
     pub test_accuracy: f64,
 }
 

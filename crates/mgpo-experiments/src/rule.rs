@@ -33,7 +33,9 @@ use crate::metrics::mean_std;
 pub struct Scores {
     /// Everything that defines the run but the method and the seed.
     pub setting: String,
+    /// The method of the run.
     pub method: Method,
+    /// The seed of the run; runs of one setting pair up by it.
     pub seed: u64,
     /// Rebound of the clean training loss.
     pub clean_rebound: f64,
@@ -60,10 +62,13 @@ impl Rule {
 /// One paired difference, method minus reference, over the seeds both have.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Paired {
+    /// Seeds both methods ran, ascending.
     pub seeds: Vec<u64>,
     /// Per seed, in `seeds` order.
     pub diffs: Vec<f64>,
+    /// Mean of `diffs`.
     pub mean: f64,
+    /// Standard deviation of `diffs`.
     pub std: f64,
     /// Seeds in which the method is better (lower rebound, higher accuracy).
     pub wins: usize,
@@ -74,13 +79,19 @@ pub struct Paired {
 /// A variant against one reference at one setting.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Comparison {
+    /// The setting compared ([`Scores::setting`]).
     pub setting: String,
+    /// The variant judged.
     pub method: Method,
+    /// The reference it is judged against (a baseline or its random control).
     pub against: Method,
+    /// Clean rebound, method minus reference.
     pub rebound: Paired,
+    /// Test accuracy at the validation-selected checkpoint, method minus reference.
     pub accuracy: Paired,
     /// Lower clean rebound in every seed; None where the setting does not rebound.
     pub lower_rebound: Option<bool>,
+    /// Whether the accuracy difference passes [`Rule::higher_accuracy`].
     pub higher_accuracy: bool,
 }
 
@@ -92,7 +103,12 @@ pub enum Answer {
     /// At none.
     No,
     /// At `k` of `of`.
-    Some { k: usize, of: usize },
+    Some {
+        /// Settings where it holds.
+        k: usize,
+        /// Settings it applies to.
+        of: usize,
+    },
     /// No setting it applies to (no rebounding setting, or a reference missing).
     Untestable,
 }
@@ -123,6 +139,7 @@ impl std::fmt::Display for Answer {
 /// The verdicts on one variant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
+    /// The variant judged.
     pub method: Method,
     /// Lower rebound than both baselines in every seed, over the rebounding settings.
     pub mitigates_rebound: Answer,
@@ -130,16 +147,20 @@ pub struct Verdict {
     pub generalises_better: Answer,
     /// Against its random control: rebound (rebounding settings) and accuracy (all).
     pub direction_rebound: Option<Answer>,
+    /// Against its random control, on accuracy; None where the method has no random control.
     pub direction_accuracy: Option<Answer>,
 }
 
 /// Everything the rule found.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Decision {
+    /// The thresholds applied.
     pub rule: Rule,
     /// Per setting (first-seen order): seeds of `lora` with the three phases, seeds of `lora`, rebounds.
     pub settings: Vec<(String, usize, usize, bool)>,
+    /// Every paired comparison made, per setting and reference.
     pub comparisons: Vec<Comparison>,
+    /// One verdict per MGPO variant in the sweep.
     pub verdicts: Vec<Verdict>,
 }
 

@@ -25,8 +25,11 @@ pub use crate::outcome::EvalRecord;
 /// What one run is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
+    /// Task name ([`crate::task::TASKS`]).
     pub task: String,
+    /// What is trained and how ([`Method`]).
     pub method: Method,
+    /// LoRA rank r of every adapter.
     pub rank: usize,
     /// LoRA alpha; the paper sets alpha = r (s = 1).
     pub alpha: f64,
@@ -34,7 +37,9 @@ pub struct RunSpec {
     pub lr: f64,
     /// Seeds the adapter initialisation, the batch order and the noise.
     pub seed: u64,
+    /// Optimizer steps to take.
     pub steps: u64,
+    /// Samples per batch.
     pub batch: usize,
     /// Evaluate the clean model every this many steps (and at 0 and the end).
     pub eval_every: u64,
@@ -52,21 +57,28 @@ impl RunSpec {
 pub struct StepRecord {
     /// 1-based.
     pub step: u64,
+    /// Learning rate of this step.
     pub lr: f64,
     /// Batch loss where the gradient was taken (perturbed point under MGPO).
     pub loss: f64,
+    /// Gradient norm the optimizer saw; NaN when the step was skipped.
     pub grad_norm: f64,
     /// Largest perturbation norm over groups (0 for plain LoRA).
     pub perturbation_norm: f64,
+    /// Whether the optimizer skipped the step for a non-finite gradient.
     pub skipped: bool,
 }
 
 /// Everything a run produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunLog {
+    /// The run that was done.
     pub spec: RunSpec,
+    /// Name of the backend it ran on.
     pub backend: String,
+    /// Every training step, in order.
     pub steps: Vec<StepRecord>,
+    /// The evaluations of the clean model, in step order.
     pub evals: Vec<EvalRecord>,
     /// Wall time of the training loop (evaluations excluded).
     pub train_seconds: f64,
@@ -77,6 +89,7 @@ pub struct RunLog {
 }
 
 impl RunLog {
+    /// The logged (batch) loss of every step, in order.
     pub fn losses(&self) -> Vec<f64> {
         self.steps.iter().map(|s| s.loss).collect()
     }
@@ -128,6 +141,7 @@ pub struct Batches {
 }
 
 impl Batches {
+    /// Batches over `n` samples, reshuffled every epoch from a stream fixed by `seed`.
     pub fn new(n: usize, seed: u64) -> Self {
         Batches { rng: Rng::new(derive(seed, "batches")), order: Vec::new(), at: n }
     }

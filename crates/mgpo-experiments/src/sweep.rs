@@ -34,14 +34,23 @@ use crate::task::task;
 /// The grid and the settings shared by every run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepSpec {
+    /// Tasks to run ([`crate::task::TASKS`]).
     pub tasks: Vec<String>,
+    /// Backend to run on (`candle`, `dfdx`, `tch`).
     pub backend: String,
+    /// Methods compared.
     pub methods: Vec<Method>,
+    /// LoRA ranks.
     pub ranks: Vec<usize>,
+    /// Peak learning rates.
     pub lrs: Vec<f64>,
+    /// Seeds; runs of one seed share adapters and batches across methods.
     pub seeds: Vec<u64>,
+    /// Optimizer steps per run.
     pub steps: u64,
+    /// Samples per batch.
     pub batch: usize,
+    /// Evaluate the clean model every this many steps.
     pub eval_every: u64,
     /// Window of the trailing mean the logged loss is smoothed with.
     pub smooth: usize,
@@ -113,14 +122,19 @@ impl SweepSpec {
 /// What one run came to.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
+    /// The run.
     pub spec: RunSpec,
+    /// Rebounds and accuracies read from its log.
     pub outcome: Outcome,
     /// Step of convergence and (lowest, peak, back-down) steps of the logged rebound.
     pub logged_steps: (Option<u64>, Option<(u64, u64, u64)>),
     /// The same for the clean rebound (steps of evaluations).
     pub clean_steps: (Option<u64>, Option<(u64, u64, u64)>),
+    /// Wall time of the training loop, in seconds (evaluations excluded).
     pub train_seconds: f64,
+    /// Digest of the initial adapters; equal across the methods of one seed.
     pub init_digest: u64,
+    /// Digest of the batch order; equal across the methods of one seed.
     pub order_digest: u64,
 }
 
@@ -189,7 +203,9 @@ pub fn pairing_errors(runs: &[RunSummary]) -> Vec<String> {
 /// mean and std over seeds.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Stat {
+    /// Mean over seeds.
     pub mean: f64,
+    /// Standard deviation over seeds.
     pub std: f64,
 }
 
@@ -212,21 +228,31 @@ impl Stat {
 /// One line of the summary table: a (task, lr, rank, method) over seeds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
+    /// Task name.
     pub task: String,
+    /// Peak learning rate.
     pub lr: f64,
+    /// LoRA rank.
     pub rank: usize,
+    /// Method.
     pub method: Method,
+    /// Number of seeds the statistics are over.
     pub seeds: usize,
     /// Clean training loss at the end.
     pub final_train_loss: Stat,
+    /// Rebound of the smoothed logged loss.
     pub logged_rebound: Stat,
     /// Runs whose logged loss showed the three phases.
     pub logged_three_phases: usize,
+    /// Rebound of the clean training loss.
     pub clean_rebound: Stat,
+    /// Runs whose clean training loss showed the three phases.
     pub clean_three_phases: usize,
     /// Test accuracy at the checkpoint the validation split selected.
     pub test_at_val: Stat,
+    /// Test accuracy at the last evaluation.
     pub final_test_accuracy: Stat,
+    /// Wall time of the training loop, in seconds.
     pub train_seconds: Stat,
 }
 
@@ -299,6 +325,7 @@ pub trait Observer {
     fn run_started(&mut self, _index: usize, _total: usize, _spec: &RunSpec) {}
     /// Run `index` has done `k` steps (reported every 10 steps).
     fn step(&mut self, _index: usize, _k: u64) {}
+    /// Run finished; `summary` is what it came to.
     fn run_finished(&mut self, _summary: &RunSummary) {}
 }
 
@@ -309,22 +336,34 @@ impl Observer for Quiet {}
 /// Where a sweep's files went.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outputs {
+    /// The output directory.
     pub dir: PathBuf,
+    /// `steps.csv`: every step of every run.
     pub steps_csv: PathBuf,
+    /// `evals.csv`: the periodic evaluations of the clean model.
     pub evals_csv: PathBuf,
+    /// `runs.csv`: one line per run.
     pub runs_csv: PathBuf,
+    /// `summary.csv`: the summary table.
     pub summary_csv: PathBuf,
+    /// `summary.json`: the summary table.
     pub summary_json: PathBuf,
+    /// `summary.md`: the summary table.
     pub summary_md: PathBuf,
+    /// `decision.md`: the decision rule's verdicts.
     pub decision_md: PathBuf,
+    /// `decision.json`: the decision rule's comparisons and verdicts.
     pub decision_json: PathBuf,
+    /// The plots under `plots/`.
     pub plots: Vec<PathBuf>,
 }
 
 /// The result of a sweep.
 #[derive(Debug, Clone)]
 pub struct SweepResult {
+    /// One summary per run, in run order.
     pub runs: Vec<RunSummary>,
+    /// The summary table, one row per (task, lr, rank, method).
     pub rows: Vec<Row>,
     /// The per-step smoothed logged losses of every run (same order as `runs`).
     pub curves: Vec<Vec<f64>>,
@@ -334,6 +373,7 @@ pub struct SweepResult {
     pub decision: Decision,
     /// Runs of one seed that were not paired ([`pairing_errors`]); empty when all were.
     pub pairing_errors: Vec<String>,
+    /// Where the files went.
     pub outputs: Outputs,
 }
 

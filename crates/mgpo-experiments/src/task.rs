@@ -33,14 +33,21 @@ pub const TASKS: [&str; 2] = ["digits-rot", "teacher"];
 /// train, validation and test sets.
 #[derive(Debug, Clone)]
 pub struct Task {
+    /// The name `--task` selects it by.
     pub name: &'static str,
+    /// One line on what it is, for listings.
     pub description: &'static str,
+    /// Seed of the data, the splits and the base network.
     pub seed: u64,
+    /// Data the base network is pre-trained on.
     pub pretrain: Dataset,
+    /// Fine-tuning training set.
     pub train: Dataset,
     /// Held out from the fine-tuning data, fixed by the task seed.
     pub val: Dataset,
+    /// Fine-tuning test set.
     pub test: Dataset,
+    /// How the base network is pre-trained.
     pub recipe: PretrainRecipe,
 }
 

@@ -20,6 +20,7 @@ use crate::error::Result;
 use crate::model::{BaseModel, LinearWeights, INPUT, LAYERS};
 use crate::rng::{derive, Rng};
 
+/// Runs sessions on candle's CPU device (the default backend).
 #[derive(Debug, Clone, Copy)]
 pub struct CandleBackend;
 
@@ -126,9 +127,13 @@ impl Session for CandleSession {
 /// How the base network is trained.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PretrainRecipe {
+    /// Passes over the pre-training data.
     pub epochs: usize,
+    /// Samples per batch.
     pub batch: usize,
+    /// Learning rate of the AdamW pre-training.
     pub lr: f64,
+    /// Decoupled weight decay of the AdamW pre-training.
     pub weight_decay: f64,
 }
 

@@ -26,6 +26,7 @@ type Net<const R: usize> = (
     LoraLinear<HIDDEN, CLASSES, R, f32, Cpu>,
 );
 
+/// Runs sessions on dfdx's CPU device.
 #[derive(Debug, Clone, Copy)]
 pub struct DfdxBackend;
 

@@ -36,13 +36,16 @@ pub struct StepOut {
     /// taken (the perturbed point under MGPO): the training loss as a
     /// trainer logs it.
     pub loss: f64,
+    /// What the optimizer did in this step (perturbation and gradient norms, whether it was skipped).
     pub report: StepReport,
 }
 
 /// Loss and accuracy of the clean (unperturbed) model on a data set.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalOut {
+    /// Mean cross-entropy over the data set.
     pub loss: f64,
+    /// Fraction of samples classified correctly, in [0, 1].
     pub accuracy: f64,
 }
 
@@ -68,7 +71,9 @@ pub trait Session {
 
 /// A framework that can run sessions.
 pub trait Backend: Send + Sync {
+    /// The name `--backend` selects it by (`candle`, `dfdx`, `tch`).
     fn name(&self) -> &'static str;
+    /// Starts a fine-tuning run: the base network of `spec` with fresh adapters and optimizer.
     fn session(&self, spec: &SessionSpec) -> Result<Box<dyn Session>>;
 
     /// Whether its layers can compute with a W0 the optimizer writes in

@@ -13,6 +13,7 @@ use crate::method::needs_w0_in_place;
 use crate::error::{Error, Result};
 use crate::model::{INPUT, LAYERS};
 
+/// Runs sessions on libtorch through tch, on the CPU.
 #[derive(Debug, Clone, Copy)]
 pub struct TchBackend;
 
