@@ -10,8 +10,10 @@ use std::time::Instant;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use mgpo_experiments::run::RunSpec;
 use mgpo_experiments::metrics::MIN_RISE;
-use mgpo_experiments::sweep::{markdown_table, Observer, RunSummary, SweepResult};
+use mgpo_experiments::sweep::{markdown_table, run_sweep_with, Observer, RunSummary, SweepResult};
+use mgpo_experiments::transformer::{TransformerSetup, TransformerTask, TASK};
 use mgpo_experiments::{backend, run_sweep, Method, SweepSpec};
+use mgpo_finetune::data::PerClass;
 
 /// Options shared by both commands.
 #[derive(clap::Args, Debug, Clone)]
@@ -53,7 +55,7 @@ pub struct ExperimentArgs {
     /// Output directory.
     #[arg(long, default_value = "out/experiment")]
     pub out: PathBuf,
-    /// Tasks, comma-separated (digits-rot, teacher).
+    /// Tasks, comma-separated (digits-rot, teacher), or minilm-wordnet alone: the pretrained transformer of `mgpo finetune` (options below; give --steps, --batch, --eval-every for it).
     #[arg(long, value_delimiter = ',', default_value = "digits-rot")]
     pub tasks: Vec<String>,
     /// Methods, comma-separated: lora, lora-clip, mgpo-paper, mgpo-trainer, mgpo-trainer-noclip, mgpo-no-apn, lora-random (adapter-space Gaussian control of mgpo-paper), lora-random-weight (weight-space Gaussian control of mgpo-trainer; candle or tch).
@@ -65,9 +67,12 @@ pub struct ExperimentArgs {
     /// Peak learning rates, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.003,0.01")]
     pub lrs: Vec<f64>,
-    /// Number of paired seeds (0, 1, ...): one seed fixes the adapter initialisation and the batch order for every method.
+    /// Number of paired seeds (--first-seed, +1, ...): one seed fixes the adapter initialisation and the batch order for every method.
     #[arg(long, default_value_t = 5)]
     pub seeds: u64,
+    /// The first seed.
+    #[arg(long, default_value_t = 0)]
+    pub first_seed: u64,
     #[arg(long, default_value_t = 600)]
     pub steps: u64,
     #[arg(long, default_value_t = 32)]
@@ -86,6 +91,31 @@ pub struct ExperimentArgs {
     pub alpha: Option<f64>,
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub transformer: TransformerArgs,
+}
+
+/// The `minilm-wordnet` task's model and data (as `mgpo finetune`).
+#[derive(clap::Args, Debug)]
+pub struct TransformerArgs {
+    /// minilm-wordnet: model directory (scripts/fetch-minilm.sh).
+    #[arg(long, default_value = "out/models/all-MiniLM-L6-v2")]
+    pub model_dir: PathBuf,
+    /// minilm-wordnet: WordNet 3.0's data.noun (scripts/setup-wordnet.sh).
+    #[arg(long, default_value = "/usr/share/wordnet/data.noun")]
+    pub wordnet: PathBuf,
+    /// minilm-wordnet: glosses per class in train, validation, test.
+    #[arg(long, value_delimiter = ',', default_value = "100,15,20")]
+    pub per_class: Vec<usize>,
+    /// minilm-wordnet: tokens per text.
+    #[arg(long, default_value_t = 24)]
+    pub max_len: usize,
+    /// minilm-wordnet: first adapted layer (the layers below are frozen and cached once for the sweep).
+    #[arg(long, default_value_t = 5)]
+    pub adapt_from: usize,
+    /// minilm-wordnet: training examples the clean training loss is measured on.
+    #[arg(long, default_value_t = 150)]
+    pub clean_subset: usize,
 }
 
 fn methods(names: &[String]) -> Result<Vec<Method>, String> {
@@ -127,7 +157,7 @@ pub fn experiment_spec(args: &ExperimentArgs) -> Result<SweepSpec, String> {
         methods: methods(&args.methods)?,
         ranks: args.ranks.clone(),
         lrs: args.lrs.clone(),
-        seeds: (0..args.seeds).collect(),
+        seeds: (args.first_seed..args.first_seed + args.seeds).collect(),
         steps: args.steps,
         batch: args.batch,
         eval_every: args.eval_every,
@@ -184,8 +214,41 @@ impl Observer for Bars {
     }
 }
 
-fn execute(spec: &SweepSpec, out: &Path, common: &Common, command: &str) -> Result<SweepResult, String> {
-    spec.validate().map_err(|e| e.to_string())?;
+fn execute(spec: &SweepSpec, out: &Path, common: &Common, command: &str, transformer: Option<&TransformerArgs>) -> Result<SweepResult, String> {
+    let e = |e: mgpo_experiments::Error| e.to_string();
+    let task = match transformer {
+        Some(t) => {
+            spec.validate_grid().map_err(e)?;
+            if spec.backend != "candle" {
+                return Err(format!("{TASK} runs on candle, not `{}`", spec.backend));
+            }
+            let [train, val, test] = t.per_class[..] else {
+                return Err(format!("--per-class takes three numbers (train,val,test), not {:?}", t.per_class));
+            };
+            let setup = TransformerSetup {
+                model_dir: t.model_dir.clone(),
+                wordnet: t.wordnet.clone(),
+                per_class: PerClass { train, val, test },
+                max_len: t.max_len,
+                adapt_from: t.adapt_from,
+                clean_subset: t.clean_subset,
+                data_seed: spec.task_seed,
+            };
+            let start = Instant::now();
+            let task = TransformerTask::prepare(setup).map_err(e)?;
+            let [tr, cl, va, te] = task.sizes();
+            println!(
+                "{TASK}: train {tr} (clean loss on the first {cl}), val {va}, test {te}; frozen layers 0..{} cached in {:.1}s",
+                t.adapt_from,
+                start.elapsed().as_secs_f64()
+            );
+            Some(task)
+        }
+        None => {
+            spec.validate().map_err(e)?;
+            None
+        }
+    };
     let total = spec.runs().len();
     println!(
         "{command}: {total} runs on {}, {} at a time ({} task(s) x {} lr x {} ranks x {} methods x {} seeds, {} steps each); output in {}",
@@ -201,7 +264,11 @@ fn execute(spec: &SweepSpec, out: &Path, common: &Common, command: &str) -> Resu
     );
     let start = Instant::now();
     let mut bars = Bars::new(total, spec.steps, common.quiet);
-    let res = run_sweep(spec, out, &common.cache, common.jobs, &mut bars).map_err(|e| e.to_string())?;
+    let res = match &task {
+        Some(t) => run_sweep_with(spec, out, common.jobs, &mut bars, &|rs, on_step| t.run(rs, on_step)),
+        None => run_sweep(spec, out, &common.cache, common.jobs, &mut bars),
+    }
+    .map_err(e)?;
     bars.steps.finish_and_clear();
     bars.runs.finish_and_clear();
     println!("\n{}", markdown_table(&res.rows));
@@ -230,13 +297,17 @@ pub fn demo(args: DemoArgs) -> Result<bool, String> {
         return Err(format!("backend `{}` is not compiled in; available: {}", args.common.backend, backend::names().join(", ")));
     }
     let spec = demo_spec(&args);
-    execute(&spec, &args.out, &args.common, "mgpo demo")?;
+    execute(&spec, &args.out, &args.common, "mgpo demo", None)?;
     Ok(true)
 }
 
 /// `mgpo experiment`: the full sweep.
 pub fn experiment(args: ExperimentArgs) -> Result<bool, String> {
     let spec = experiment_spec(&args)?;
-    execute(&spec, &args.out, &args.common, "mgpo experiment")?;
+    let transformer = spec.tasks.iter().any(|t| t == TASK);
+    if transformer && spec.tasks.len() > 1 {
+        return Err(format!("{TASK} runs alone, not with {:?}", spec.tasks));
+    }
+    execute(&spec, &args.out, &args.common, "mgpo experiment", transformer.then_some(&args.transformer))?;
     Ok(true)
 }

@@ -20,6 +20,8 @@ pub enum Error {
     Backend(String),
     /// A file could not be read or written.
     Io(String),
+    /// The transformer task failed (model files, data, training).
+    Finetune(String),
 }
 
 impl fmt::Display for Error {
@@ -32,6 +34,7 @@ impl fmt::Display for Error {
             Error::Optimizer(e) => write!(f, "optimizer: {e}"),
             Error::Backend(s) => write!(f, "backend: {s}"),
             Error::Io(s) => write!(f, "{s}"),
+            Error::Finetune(s) => write!(f, "transformer task: {s}"),
         }
     }
 }
@@ -47,6 +50,12 @@ impl From<mgpo_core::MgpoError> for Error {
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
         Error::Backend(format!("candle: {e}"))
+    }
+}
+
+impl From<mgpo_finetune::FinetuneError> for Error {
+    fn from(e: mgpo_finetune::FinetuneError) -> Self {
+        Error::Finetune(e.to_string())
     }
 }
 

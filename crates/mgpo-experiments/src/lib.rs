@@ -12,7 +12,9 @@
 //! - [`run`]: one run, logged per step and evaluated periodically, paired
 //!   across methods (same adapters and batches for a seed);
 //! - [`sweep`]: the grid over tasks, ranks, learning rates, methods and
-//!   seeds, its output files, summary table and plots ([`plot`]).
+//!   seeds, its output files, summary table and plots ([`plot`]);
+//! - [`transformer`]: the same sweep on a pretrained transformer
+//!   (`minilm-wordnet`: all-MiniLM-L6-v2 on WordNet supersenses).
 //!
 //! The parts that do not depend on the model, for any fine-tuning sweep
 //! (a transformer's too): [`method`] (the configurations compared and how
@@ -36,6 +38,7 @@ pub mod rule;
 pub mod run;
 pub mod sweep;
 pub mod task;
+pub mod transformer;
 
 pub use error::{Error, Result};
 pub use method::Method;

@@ -91,9 +91,9 @@ impl SweepSpec {
         v
     }
 
-    /// Refuses an empty grid, unknown tasks or backends, a method the
-    /// backend cannot run and bad run settings.
-    pub fn validate(&self) -> Result<()> {
+    /// Refuses an empty grid and bad run settings: what every sweep needs,
+    /// whatever runs it ([`run_sweep_with`]).
+    pub fn validate_grid(&self) -> Result<()> {
         let empty = |what: &str, n: usize| if n == 0 { Err(Error::InvalidSpec(format!("no {what} given"))) } else { Ok(()) };
         empty("task", self.tasks.len())?;
         empty("method", self.methods.len())?;
@@ -106,6 +106,13 @@ impl SweepSpec {
         if !(self.min_rise.is_finite() && self.min_rise >= 0.0) {
             return Err(Error::InvalidSpec(format!("min_rise must be finite and >= 0, got {}", self.min_rise)));
         }
+        self.runs().iter().try_for_each(check)
+    }
+
+    /// [`SweepSpec::validate_grid`], and refuses tasks that are not built
+    /// in, unknown backends and a method the backend cannot run.
+    pub fn validate(&self) -> Result<()> {
+        self.validate_grid()?;
         for t in &self.tasks {
             if !crate::task::TASKS.contains(&t.as_str()) {
                 return Err(Error::InvalidSpec(format!("unknown task `{t}`; one of {}", crate::task::TASKS.join(", "))));
@@ -115,7 +122,7 @@ impl SweepSpec {
         for m in &self.methods {
             backend::check_support(be.as_ref(), &m.config(1e-3, 0))?;
         }
-        self.runs().iter().try_for_each(check)
+        Ok(())
     }
 }
 
@@ -495,16 +502,44 @@ enum Event {
     Done(usize, Result<RunLog>),
 }
 
-/// Runs the sweep on `jobs` threads (runs are independent, so the results
-/// do not depend on `jobs`), writing the files under `out` (created if
-/// needed) in run order as runs finish; base networks are cached under
-/// `cache`.
+/// Runs the sweep of the built-in tasks on `jobs` threads (runs are
+/// independent, so the results do not depend on `jobs`), writing the files
+/// under `out` (created if needed) in run order as runs finish; base
+/// networks are cached under `cache`.
 pub fn run_sweep(spec: &SweepSpec, out: &Path, cache: &Path, jobs: usize, obs: &mut dyn Observer) -> Result<SweepResult> {
     spec.validate()?;
+    let be = backend::by_name(&spec.backend)?;
+    // Tasks and their base networks, trained (or loaded) before any run.
+    let mut tasks: Vec<(crate::task::Task, crate::model::BaseModel)> = Vec::new();
+    for name in &spec.tasks {
+        let t = task(name, spec.task_seed)?;
+        let (base, cached) = t.base_model(cache)?;
+        obs.base_model(name, cached);
+        tasks.push((t, base));
+    }
+    let run_one = |rs: &RunSpec, on_step: &mut dyn FnMut(u64)| {
+        let (t, base) = tasks.iter().find(|(t, _)| t.name == rs.task).expect("every task of the grid was built");
+        run(t, base, be.as_ref(), rs, on_step)
+    };
+    run_sweep_with(spec, out, jobs, obs, &run_one)
+}
+
+/// Runs every run of `spec` with `run_one` on `jobs` threads and writes the
+/// sweep's files under `out`: the same outputs, summary, decision rule and
+/// plots for any fine-tuning whose runs come as [`RunLog`]s (the built-in
+/// tasks, [`crate::transformer`]). `run_one(spec, on_step)` calls
+/// `on_step(k)` after step k.
+pub fn run_sweep_with(
+    spec: &SweepSpec,
+    out: &Path,
+    jobs: usize,
+    obs: &mut dyn Observer,
+    run_one: &(dyn Fn(&RunSpec, &mut dyn FnMut(u64)) -> Result<RunLog> + Sync),
+) -> Result<SweepResult> {
+    spec.validate_grid()?;
     if jobs == 0 {
         return Err(Error::InvalidSpec("jobs must be at least 1".into()));
     }
-    let be = backend::by_name(&spec.backend)?;
     std::fs::create_dir_all(out.join("plots")).map_err(|e| io(out, e))?;
     let o = Outputs {
         dir: out.to_path_buf(),
@@ -526,15 +561,6 @@ pub fn run_sweep(spec: &SweepSpec, out: &Path, cache: &Path, jobs: usize, obs: &
     csv_line(&mut evals_w, &o.evals_csv, &cols(&EVAL_COLS))?;
     csv_line(&mut runs_w, &o.runs_csv, &cols(&RUN_COLS))?;
 
-    // Tasks and their base networks, trained (or loaded) before any run.
-    let mut tasks: Vec<(crate::task::Task, crate::model::BaseModel)> = Vec::new();
-    for name in &spec.tasks {
-        let t = task(name, spec.task_seed)?;
-        let (base, cached) = t.base_model(cache)?;
-        obs.base_model(name, cached);
-        tasks.push((t, base));
-    }
-
     let all = spec.runs();
     let mut runs = Vec::with_capacity(all.len());
     let mut curves = Vec::with_capacity(all.len());
@@ -546,7 +572,7 @@ pub fn run_sweep(spec: &SweepSpec, out: &Path, cache: &Path, jobs: usize, obs: &
     std::thread::scope(|scope| {
         for _ in 0..jobs.min(all.len()) {
             let tx = tx.clone();
-            let (all, tasks, be, next, stop) = (&all, &tasks, &be, &next, &stop);
+            let (all, next, stop) = (&all, &next, &stop);
             scope.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= all.len() || stop.load(Ordering::SeqCst) {
@@ -554,8 +580,7 @@ pub fn run_sweep(spec: &SweepSpec, out: &Path, cache: &Path, jobs: usize, obs: &
                 }
                 let rs = &all[i];
                 let _ = tx.send(Event::Started(i));
-                let (t, base) = tasks.iter().find(|(t, _)| t.name == rs.task).expect("every task of the grid was built");
-                let log = run(t, base, be.as_ref(), rs, &mut |k| {
+                let log = run_one(rs, &mut |k| {
                     if k % 10 == 0 {
                         let _ = tx.send(Event::Step(i, k));
                     }

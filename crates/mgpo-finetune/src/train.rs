@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 use mgpo_candle::MgpoOptimizer;
-use mgpo_core::{Config, Space, WarmupCosine};
+use mgpo_core::{Config, Space, StepReport, WarmupCosine};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Example, Splits};
@@ -62,9 +62,16 @@ impl Features {
         self.len() == 0
     }
 
-    fn select(&self, idx: &[u32]) -> Result<(Tensor, Tensor, Tensor)> {
+    /// The rows `idx`: (frozen output, mask, labels).
+    pub fn select(&self, idx: &[u32]) -> Result<(Tensor, Tensor, Tensor)> {
         let i = Tensor::new(idx, self.labels.device())?;
         Ok((self.frozen.index_select(&i, 0)?, self.mask.index_select(&i, 0)?, self.labels.index_select(&i, 0)?))
+    }
+
+    /// The first `n` examples (all of them if there are fewer).
+    pub fn head(&self, n: usize) -> Result<Features> {
+        let n = n.min(self.len());
+        Ok(Features { frozen: self.frozen.narrow(0, 0, n)?, mask: self.mask.narrow(0, 0, n)?, labels: self.labels.narrow(0, 0, n)? })
     }
 
     /// Mean loss and accuracy of the clean model, in batches of 128.
@@ -280,33 +287,14 @@ impl<'a> Trainer<'a> {
         atomic_write(&dir.join("trainer.json"), serde_json::to_string_pretty(&self.state).expect("serialisable").as_bytes())
     }
 
-    /// One step: perturb, sync the weights, forward, backward, project the
-    /// weight gradients onto the adapters, step, sync. On error the
-    /// perturbation is removed and the weights synced back.
     fn train_step(&mut self, train: &Features) -> Result<LogLine> {
         let k = self.state.step;
         let lr = WarmupCosine::paper(self.options.config.adamw.lr, self.options.steps).lr_at(k);
         self.opt.set_lr(lr)?;
         let (x, m, y) = train.select(&batch_indices(self.options.seed, train.len(), self.options.batch, k))?;
-        self.opt.perturb()?;
-        let inner = |s: &mut Self| -> Result<(f64, f64, bool)> {
-            s.model.sync()?;
-            let logits = s.model.logits(&x, &m)?;
-            let loss = cross_entropy(&logits, &y)?;
-            let grads = s.model.project(&loss.backward()?)?;
-            let acc = correct(&logits, &y)? as f64 / y.dims()[0] as f64;
-            let l = loss.to_scalar::<f32>()? as f64;
-            let report = s.opt.step(&grads)?;
-            Ok((l, acc, report.skipped))
-        };
-        let r = inner(self);
-        if r.is_err() && self.opt.is_perturbed() {
-            self.opt.unperturb()?;
-        }
-        self.model.sync()?;
-        let (loss, acc, skipped) = r?;
+        let out = step(self.model, &mut self.opt, &x, &m, &y)?;
         self.state.step += 1;
-        Ok(LogLine { step: self.state.step, kind: "train".into(), loss, acc, lr: Some(lr), skipped: Some(skipped) })
+        Ok(LogLine { step: self.state.step, kind: "train".into(), loss: out.loss, acc: out.acc, lr: Some(lr), skipped: Some(out.report.skipped) })
     }
 
     /// Trains up to `until` steps (at most the options' total), validating,
@@ -356,6 +344,42 @@ impl<'a> Trainer<'a> {
         atomic_write(&self.out.join("summary.json"), serde_json::to_string_pretty(&s).expect("serialisable").as_bytes())?;
         Ok(s)
     }
+}
+
+/// What one optimizer step saw.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    /// The batch's loss at the perturbed point (what a trainer logs).
+    pub loss: f64,
+    /// The batch's accuracy there.
+    pub acc: f64,
+    /// The optimizer's report (norms, clipping, skipped).
+    pub report: StepReport,
+}
+
+/// One step on a batch (x, m, y) at the optimizer's current learning rate:
+/// perturb, sync the weights, forward, backward, project the weight
+/// gradients onto the adapters, step, sync. On error the perturbation is
+/// removed and the weights synced back, so the model is never left
+/// perturbed.
+pub fn step(model: &LoraBert, opt: &mut MgpoOptimizer, x: &Tensor, m: &Tensor, y: &Tensor) -> Result<StepOutcome> {
+    opt.perturb()?;
+    let inner = |opt: &mut MgpoOptimizer| -> Result<StepOutcome> {
+        model.sync()?;
+        let logits = model.logits(x, m)?;
+        let loss = cross_entropy(&logits, y)?;
+        let grads = model.project(&loss.backward()?)?;
+        let acc = correct(&logits, y)? as f64 / y.dims()[0] as f64;
+        let loss = loss.to_scalar::<f32>()? as f64;
+        let report = opt.step(&grads)?;
+        Ok(StepOutcome { loss, acc, report })
+    };
+    let r = inner(opt);
+    if r.is_err() && opt.is_perturbed() {
+        opt.unperturb()?;
+    }
+    model.sync()?;
+    r
 }
 
 /// Caches the three splits' frozen features.
