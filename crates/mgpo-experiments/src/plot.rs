@@ -89,7 +89,9 @@ fn layout<'a>(spec: &SweepSpec, path: &'a Path, title: &str) -> std::result::Res
     let rows = n.div_ceil(cols);
     let (pw, ph) = (480u32, 360u32);
     let legend_rows = spec.methods.len().div_ceil(4) as u32;
-    let root = BitMapBackend::new(path, (pw * cols as u32, ph * rows as u32 + 40 + 30 * legend_rows)).into_drawing_area();
+    // At least the legend's four columns wide (one rank: one wide panel).
+    let width = (pw * cols as u32).max(940);
+    let root = BitMapBackend::new(path, (width, ph * rows as u32 + 40 + 30 * legend_rows)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, body) = root.split_vertically(40);
     top.draw_text(title, &("sans-serif", 18).into_font().color(&BLACK), (10, 10))?;
