@@ -28,8 +28,10 @@ echo "== cargo test (all crates, all backends)"
 cargo test --workspace --all-features
 
 echo "== mgpo conformance --backend all"
-cargo run -q -p mgpo-cli --all-features -- conformance --backend all \
-  --vectors "$vectors"
+# The binary of the workspace build above (same features: `cargo run -p
+# mgpo-cli` would unify features differently and rebuild the dependencies).
+cargo build -q --workspace --all-features --bins
+"${CARGO_TARGET_DIR:-target}/debug/mgpo" conformance --backend all --vectors "$vectors"
 
 echo "== float64 generator: reproduces every vector, agrees with torch, and regenerates the committed vectors"
 python tools/gen_vectors.py --check-shared "$vectors"

@@ -658,10 +658,11 @@ def cosine_schedule(lr, T, warmup_frac=0.03):
 
 # Tolerances per dtype (docs/spec.md, "Comparison"): rtol 1e-5 (f32) and
 # 1e-12 (f64); atol ten times the smallest atol with which every correct
-# backend of the project (ndarray serial and parallel, candle CPU and device
-# path, dfdx, tch, the backend guide's Vec backend) passes the vector at
-# rtol 1e-6 (f32) or 1e-13 (f64), at least 1e-8 / 1e-16. Measured with
-# tools/measure-tolerances, which prints these numbers beside the vectors'.
+# backend of the project (ndarray serial and parallel, candle CPU kernels and
+# tensor-op path, dfdx, tch, burn host kernels and tensor-op path) passes the
+# vector at rtol 1e-6 (f32) or 1e-13 (f64), at least 1e-8 / 1e-16. Measured
+# with `mgpo conformance --measure`, which prints these numbers beside the
+# vectors'.
 def tol(f32_atol, f64_atol):
     return {"f32": {"rtol": 1e-5, "atol": f32_atol}, "f64": {"rtol": 1e-12, "atol": f64_atol}}
 

@@ -39,6 +39,9 @@ enum Command {
         backend: String,
         #[arg(long, value_enum, default_value = "all")]
         dtype: Dtype,
+        /// Instead of pass/fail: the atol each vector needs on the chosen backends and the tolerance that suggests (docs/spec.md, "Comparison"); fails when a backend passes a generated vector with less than a tenfold margin.
+        #[arg(long)]
+        measure: bool,
     },
     /// A small sweep (about two minutes on 2 cores): plain LoRA vs LoRA-MGPO
     /// loss curves, rebound table and plot.
@@ -69,7 +72,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Conformance { vectors, backend, dtype } => conformance::run(&vectors, &backend, dtype),
+        Command::Conformance { vectors, backend, dtype, measure: false } => conformance::run(&vectors, &backend, dtype),
+        Command::Conformance { vectors, backend, dtype, measure: true } => conformance::measure(&vectors, &backend, dtype),
         Command::Demo(args) => experiment::demo(args),
         Command::Experiment(args) => experiment::experiment(args),
         Command::Finetune(args) => finetune::run(args),
