@@ -9,9 +9,10 @@
 //! layers and the classifier from those cached features. A seed fixes the
 //! adapters' and classifier's initialisation and the batch order for every
 //! method (paired seeds); the data splits are fixed by the sweep's task
-//! seed. The clean training loss is the unperturbed model's loss on the
-//! first `clean_subset` training examples, evaluated with the validation
-//! and test splits every `eval_every` steps.
+//! seed. The clean training loss is the unperturbed model's loss on
+//! `clean_subset` training examples spread evenly over the training split
+//! (which is ordered by class, so every class is in it), evaluated with
+//! the validation and test splits every `eval_every` steps.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -42,7 +43,8 @@ pub struct TransformerSetup {
     pub max_len: usize,
     /// First adapted layer; the layers below are frozen and cached.
     pub adapt_from: usize,
-    /// Training examples the clean training loss is measured on.
+    /// Training examples the clean training loss is measured on (spread
+    /// evenly over the class-ordered training split).
     pub clean_subset: usize,
     /// Seeds the data splits (not the runs).
     pub data_seed: u64,
@@ -73,7 +75,7 @@ impl TransformerTask {
         let model = LoraBert::load(&files, LoraConfig::new(1, 1.0), setup.adapt_from, splits.labels.len(), 0, &dev)?;
         let enc = files.tokenizer(setup.max_len)?;
         let (train, val, test) = train::features(&model, &enc, &splits)?;
-        let clean = train.head(setup.clean_subset)?;
+        let clean = train.spread(setup.clean_subset)?;
         Ok(TransformerTask { labels: splits.labels.len(), setup, files, train, clean, val, test })
     }
 

@@ -68,10 +68,13 @@ impl Features {
         Ok((self.frozen.index_select(&i, 0)?, self.mask.index_select(&i, 0)?, self.labels.index_select(&i, 0)?))
     }
 
-    /// The first `n` examples (all of them if there are fewer).
-    pub fn head(&self, n: usize) -> Result<Features> {
+    /// `n` examples spread evenly over the split (rows i len / n, all of
+    /// them if there are fewer): every class of a class-ordered split.
+    pub fn spread(&self, n: usize) -> Result<Features> {
         let n = n.min(self.len());
-        Ok(Features { frozen: self.frozen.narrow(0, 0, n)?, mask: self.mask.narrow(0, 0, n)?, labels: self.labels.narrow(0, 0, n)? })
+        let idx: Vec<u32> = (0..n).map(|i| (i * self.len() / n) as u32).collect();
+        let (frozen, mask, labels) = self.select(&idx)?;
+        Ok(Features { frozen, mask, labels })
     }
 
     /// Mean loss and accuracy of the clean model, in batches of 128.

@@ -51,3 +51,17 @@ fn trains_and_resumes_exactly() {
     assert_eq!(straight, m3.targets[0].b.as_tensor().to_vec2::<f32>().unwrap(), "resumed run differs");
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+#[test]
+fn spread_takes_every_class_of_a_class_ordered_split() {
+    let files = ModelFiles::open(&model_dir()).unwrap();
+    let model = LoraBert::load(&files, LoraConfig::new(2, 2.0), 5, 3, 0, &Device::Cpu).unwrap();
+    let f = Features::new(&model, &files.tokenizer(8).unwrap(), &examples()).unwrap();
+    let labels = |f: &Features| f.labels.to_vec1::<u32>().unwrap();
+    assert_eq!(labels(&f), [0, 0, 1, 1, 2, 2]);
+    assert_eq!(labels(&f.spread(3).unwrap()), [0, 1, 2]);
+    assert_eq!(labels(&f.spread(4).unwrap()), [0, 0, 1, 2]);
+    assert_eq!(labels(&f.spread(99).unwrap()), labels(&f));
+    let rows = |f: &Features| f.frozen.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(rows(&f.spread(6).unwrap()), rows(&f));
+}
