@@ -113,7 +113,7 @@ pub struct TransformerArgs {
     /// minilm-wordnet: first adapted layer (the layers below are frozen and cached once for the sweep).
     #[arg(long, default_value_t = 5)]
     pub adapt_from: usize,
-    /// minilm-wordnet: training examples the clean training loss is measured on.
+    /// minilm-wordnet: training examples the clean training loss is measured on (spread evenly over the class-ordered training split).
     #[arg(long, default_value_t = 150)]
     pub clean_subset: usize,
 }
@@ -238,7 +238,7 @@ fn execute(spec: &SweepSpec, out: &Path, common: &Common, command: &str, transfo
             let task = TransformerTask::prepare(setup).map_err(e)?;
             let [tr, cl, va, te] = task.sizes();
             println!(
-                "{TASK}: train {tr} (clean loss on the first {cl}), val {va}, test {te}; frozen layers 0..{} cached in {:.1}s",
+                "{TASK}: train {tr} (clean loss on {cl} of them, spread over the classes), val {va}, test {te}; frozen layers 0..{} cached in {:.1}s",
                 t.adapt_from,
                 start.elapsed().as_secs_f64()
             );
