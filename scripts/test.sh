@@ -33,6 +33,9 @@ echo "== mgpo conformance --backend all"
 cargo build -q --workspace --all-features --bins
 "${CARGO_TARGET_DIR:-target}/debug/mgpo" conformance --backend all --vectors "$vectors"
 
+echo "== rustdoc: every crate documents without a warning"
+RUSTDOCFLAGS="-D warnings" cargo doc -q --workspace --all-features --no-deps
+
 echo "== float64 generator: reproduces every vector, agrees with torch, and regenerates the committed vectors"
 python tools/gen_vectors.py --check-shared "$vectors"
 python tools/gen_vectors.py --check-torch

@@ -15,7 +15,7 @@
 //!
 //! - **host kernels** (the default for f32 / f64 tensors of burn's ndarray
 //!   backend): each method is one fused pass over the tensors' own memory,
-//!   reached through burn's `extension` API ([`crate::host`]), with the
+//!   reached through burn's `extension` API (the crate's `host` module), with the
 //!   kernels of `mgpo_core::backend::cpu` that mgpo-ndarray runs, in the same blocks
 //!   of `cpu::BLOCK` elements (parallel above [`BurnBackend::par_threshold`],
 //!   partial sums added in block order): AdamW reads p, g, m, v once and

@@ -46,7 +46,7 @@ pub struct FinetuneArgs {
     /// First adapted layer; the layers below are frozen and their outputs cached.
     #[arg(long, default_value_t = 4)]
     pub adapt_from: usize,
-    /// Tokens per text (truncated and padded). The default 24 holds about 85% of the default task's glosses whole (median 15, 95th percentile 33 tokens with [CLS] and [SEP]) and keeps the head of the others; cost per step is about linear in it.
+    /// Tokens per text (truncated and padded). The default 24 holds about 85% of the default task's glosses whole (median 15, 95th percentile 33 tokens with `[CLS]` and `[SEP]`) and keeps the head of the others; cost per step is about linear in it.
     #[arg(long, default_value_t = 24)]
     pub max_len: usize,
     /// Optimizer steps. The default (200 x 16, 3.2 epochs of the default 1000 training glosses) keeps the whole default run under 2 minutes on 2 cores (docs/finetune.md).

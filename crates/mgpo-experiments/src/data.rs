@@ -53,7 +53,7 @@ impl Dataset {
         Dataset { x, ..self.clone() }
     }
 
-    /// Relabels class c as perm[c].
+    /// Relabels class `c` as `perm[c]`.
     pub fn permute_labels(&self, perm: &[u32]) -> Dataset {
         Dataset { y: self.y.iter().map(|&c| perm[c as usize]).collect(), ..self.clone() }
     }
@@ -77,7 +77,7 @@ pub fn split(n: usize, sizes: &[usize], rng: &mut Rng) -> Vec<Vec<usize>> {
 /// The UCI "Optical Recognition of Handwritten Digits" test partition as
 /// scikit-learn's `load_digits`: 1797 8x8 images, pixels 0..16 scaled to
 /// [0, 1], 10 classes. Shipped inside the `smartcore` crate (feature
-/// `datasets`); source https://archive.ics.uci.edu/dataset/80, licence
+/// `datasets`); source <https://archive.ics.uci.edu/dataset/80>, licence
 /// CC BY 4.0 (Alpaydin and Kaynak, 1998).
 pub fn digits() -> Dataset {
     let d = smartcore::dataset::digits::load_dataset();

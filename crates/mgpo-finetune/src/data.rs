@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{io, FinetuneError, Result};
 use crate::rng::SplitMix64;
 
-/// One example: a text and the index of its label in [`Dataset::labels`].
+/// One example: a text and the index of its label in [`Splits::labels`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Example {
     /// The input text.

@@ -99,7 +99,7 @@ pub struct Encoded {
 }
 
 impl TextEncoder {
-    /// Loads `tokenizer.json`; `max_len` must fit [CLS] ... [SEP].
+    /// Loads `tokenizer.json`; `max_len` must fit `[CLS] ... [SEP]`.
     pub fn new(path: &Path, max_len: usize) -> Result<Self> {
         if max_len < 2 {
             return Err(FinetuneError::Option { name: "max-len", detail: format!("{max_len}: at least 2 ([CLS] and [SEP])") });
@@ -147,7 +147,8 @@ pub struct Target {
 }
 
 /// BERT with LoRA adapters on the layers from `first_adapted` up and a
-/// classification head: logits = C tanh(P h_[CLS] + p) + c, with the
+/// classification head: logits = C tanh(P h_cls + p) + c (h_cls: the
+/// last hidden state of the `[CLS]` token), with the
 /// pretrained pooler (P, p) frozen and the classifier C, c trainable.
 pub struct LoraBert {
     config: BertConfig,
